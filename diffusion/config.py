@@ -1,0 +1,319 @@
+"""One typed, immutable config tree loaded from ``params.yaml``.
+
+Sections match the pipeline stages. Loading is strict: an unknown key, a wrong type or an
+out-of-range value fails with one :class:`ConfigError` that lists every problem as
+``<file>: <key.path> = <value>: <what is allowed>``. Command-line overrides
+``section.key=value`` go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import operator
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from diffusion.presets import MODEL_PRESETS
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key path, the value and what is allowed."""
+
+
+def _bound(default: Any, *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with a numeric range checked at load time."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+DataSource = Literal["mnist", "digits"]
+Schedule = Literal["linear", "cosine"]
+Target = Literal["eps", "v"]
+LossWeighting = Literal["none", "min_snr"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+SamplerName = Literal["ddpm", "ddim"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: DataSource = "mnist"        # packaged real digits: mnist (5,000 at 28x28) or digits (8x8)
+    resolution: int = _bound(28, ge=4, le=1024)  # images are resized (bilinear) to this square size
+    channels: int = _bound(1, ge=1, le=4)        # 1 = grayscale, 3 = RGB
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "custom"                       # a name from diffusion.presets; keys below override it
+    base_channels: int = _bound(32, ge=8)        # channels at full resolution
+    channel_mult: tuple[int, ...] = (1, 2, 2)    # per-level multiplier; one downsampling between levels
+    num_res_blocks: int = _bound(2, ge=1)        # residual blocks per level (encoder)
+    attention_resolutions: tuple[int, ...] = (7,)  # feature-map sizes that get self-attention
+    num_heads: int = _bound(1, ge=1)
+    dropout: float = _bound(0.0, ge=0.0, lt=1.0)
+    num_classes: int = _bound(0, ge=0)           # 0 = unconditional; >0 adds a class embedding
+    class_dropout: float = _bound(0.1, ge=0.0, le=1.0)  # label dropout (null class) for CFG
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: Schedule = "cosine"                # linear (Ho et al. 2020) or cosine (Nichol & Dhariwal)
+    timesteps: int = _bound(1000, ge=2)          # T
+    target: Target = "eps"                       # what the network predicts: eps or v
+    loss_weighting: LossWeighting = "none"       # none or min_snr (Hang et al. 2023)
+    min_snr_gamma: float = _bound(5.0, gt=0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _bound(2000, ge=1)              # optimizer steps in total (resume continues to this)
+    batch_size: int = _bound(64, ge=1)           # per worker and micro-batch
+    grad_accum: int = _bound(1, ge=1)            # micro-batches per optimizer step
+    lr: float = _bound(2e-4, gt=0.0, le=1.0)
+    weight_decay: float = _bound(0.0, ge=0.0)
+    adam_beta1: float = _bound(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = _bound(0.999, ge=0.0, lt=1.0)
+    warmup_steps: int = _bound(100, ge=0)        # linear LR warm-up, then constant
+    grad_clip: float = _bound(1.0, ge=0.0)       # max global grad norm; 0 disables clipping
+    ema_decay: float = _bound(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = True                      # decay_n = min(decay, (1+n)/(10+n))
+    precision: Precision = "fp32"                # bf16 autocast (CPU/CUDA) or fp16 + grad scaler (CUDA)
+    channels_last: bool = False
+    compile: bool = False                        # torch.compile the network
+    device: Device = "auto"
+    seed: int = _bound(0, ge=0)
+    checkpoint_every: int = _bound(500, ge=1)    # steps between checkpoints (and at the end)
+    log_every: int = _bound(50, ge=1)            # steps between metric reports
+    out_dir: str = "runs/default"                # checkpoints and samples go here
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    sampler: SamplerName = "ddim"
+    steps: int = _bound(50, ge=1)                # respaced sampling steps (<= diffusion.timesteps)
+    eta: float = _bound(0.0, ge=0.0, le=1.0)     # DDIM stochasticity; 0 = deterministic
+    guidance_scale: float = _bound(1.0, ge=0.0)  # classifier-free guidance; 1 = plain conditional
+    num_samples: int = _bound(64, ge=1)          # images in the sample grid
+    batch_size: int = _bound(256, ge=1)
+    seed: int = _bound(0, ge=0)
+    clip_denoised: bool = True                   # clip predicted x0 to [-1, 1] at each step
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def hash(self, exclude: typing.Iterable[str] = ()) -> str:
+        """sha256 of the canonical JSON of the tree, without the dotted key paths in ``exclude``."""
+        tree = self.to_dict()
+        for dotted in exclude:
+            section, key = dotted.split(".")
+            tree[section].pop(key, None)
+        blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- loading
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the typed value or record an error."""
+    bad = f"{path} = {value!r}: expected {_type_name(tp)}"
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp) and isinstance(value, str):
+            return value
+        errors.append(bad)
+    elif origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            errors.append(bad)
+            return None
+        return tuple(_coerce(v, get_args(tp)[0], f"{path}[{i}]", errors) for i, v in enumerate(value))
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(bad)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        errors.append(bad)
+    elif tp is float:
+        # PyYAML reads "1e-3" as a string (YAML 1.1); accept any decimal literal here.
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        errors.append(bad)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        errors.append(bad)
+    else:  # pragma: no cover - a new annotation kind needs a branch above
+        raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+    return None
+
+
+_RANGE_RULES = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"),
+                "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str, errors: list[str]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for key, (holds, symbol) in _RANGE_RULES.items():
+        limit = meta.get(key)
+        if limit is not None and not holds(value, limit):
+            errors.append(f"{path} = {value!r}: must be {symbol} {limit}")
+
+
+def _build_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        errors.append(f"{path} = {raw!r}: expected a mapping of keys for section '{path}'")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    for key in unknown:
+        errors.append(f"{path}.{key} = {raw[key]!r}: unknown key; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        if name not in fields:
+            continue
+        n_errors = len(errors)
+        typed = _coerce(value, hints[name], f"{path}.{name}", errors)
+        if len(errors) == n_errors:
+            _check_range(typed, fields[name].metadata, f"{path}.{name}", errors)
+            kwargs[name] = typed
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name]
+                              for f in dataclasses.fields(Config)}
+
+
+def _expand_model_preset(raw: dict[str, Any], errors: list[str]) -> None:
+    model = raw.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return
+    name = model["preset"]
+    if name not in MODEL_PRESETS:
+        errors.append(f"model.preset = {name!r}: expected one of {', '.join(map(repr, MODEL_PRESETS))}")
+        return
+    raw["model"] = {**MODEL_PRESETS[name], **model}
+
+
+def _check_cross_fields(cfg: Config, errors: list[str]) -> None:
+    m, d = cfg.model, cfg.data
+    levels = len(cfg.model.channel_mult)
+    if levels == 0:
+        errors.append("model.channel_mult = (): expected at least one level")
+        return
+    if any(c < 1 for c in m.channel_mult):
+        errors.append(f"model.channel_mult = {list(m.channel_mult)}: multipliers must be >= 1")
+    factor = 2 ** (levels - 1)
+    if d.resolution % factor:
+        errors.append(f"data.resolution = {d.resolution}: must be divisible by {factor} "
+                      f"for {levels} levels of model.channel_mult")
+    sizes = [d.resolution // 2 ** i for i in range(levels)]
+    for r in m.attention_resolutions:
+        if r not in sizes:
+            errors.append(f"model.attention_resolutions contains {r}: feature-map sizes of this "
+                          f"model are {sizes}")
+    for c in {m.base_channels * k for k in m.channel_mult}:
+        if c % m.num_heads:
+            errors.append(f"model.num_heads = {m.num_heads}: must divide every level's channels")
+            break
+    if cfg.evaluate.steps > cfg.diffusion.timesteps:
+        errors.append(f"evaluate.steps = {cfg.evaluate.steps}: must be <= diffusion.timesteps "
+                      f"({cfg.diffusion.timesteps})")
+
+
+def config_from_dict(raw: Any, source: str = "params") -> Config:
+    """Build and check a :class:`Config` from a plain mapping (e.g. parsed YAML)."""
+    errors: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    for key in sorted(set(raw) - set(_SECTIONS)):
+        errors.append(f"{key}: unknown section; allowed sections: {', '.join(_SECTIONS)}")
+    _expand_model_preset(raw, errors)
+    sections = {name: _build_section(cls, raw.get(name, {}), name, errors)
+                for name, cls in _SECTIONS.items()}
+    cfg = Config(**sections)
+    if not errors:
+        _check_cross_fields(cfg, errors)
+    if errors:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``section.key=value`` overrides applied (values parsed as YAML)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-4")
+        section, name = parts
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"override {item!r}: section '{section}' is not a mapping")
+        out[section][name] = yaml.safe_load(text) if text.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load ``params.yaml`` (or defaults when ``path`` is None) and apply overrides."""
+    raw: Any = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections")
+        raw = apply_overrides(raw or {}, overrides)
+        source += " (with overrides)"
+    return config_from_dict(raw, source)

@@ -1,0 +1,152 @@
+"""Samplers: DDPM ancestral (Ho et al. 2020) and DDIM (Song et al. 2021) over respaced timesteps.
+
+Each step is a pure function of (schedule, index, x_t, predictions, noise source) that returns
+x at the previous kept timestep; :func:`sample` is the loop around them. Noise comes from one
+generator per sample seeded by ``seed + index``, so image j is the same whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffusion.schedule import NoiseSchedule
+
+SamplerName = Literal["ddpm", "ddim"]
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class RespacedSchedule:
+    """A subset of N timesteps of a schedule, with the coefficients of the shortened chain."""
+
+    timesteps: torch.Tensor       # (N,) int64, ascending indices into the full schedule
+    alpha_bar: torch.Tensor       # (N,) float64, abar at each kept timestep
+    alpha_bar_prev: torch.Tensor  # (N,) float64, abar at the previous kept timestep (1 for the first)
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """beta_i = 1 - abar_i / abar_{i-1} of the respaced chain (Nichol & Dhariwal, sec. 4)."""
+        return 1.0 - self.alpha_bar / self.alpha_bar_prev
+
+    @property
+    def posterior_variance(self) -> torch.Tensor:
+        return self.betas * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
+
+
+def respace(schedule: NoiseSchedule, num_steps: int) -> RespacedSchedule:
+    """Keep ``num_steps`` evenly spaced timesteps of ``schedule`` (always including t = T-1)."""
+    total = schedule.num_timesteps
+    if not 1 <= num_steps <= total:
+        raise ValueError(f"sampling steps must be in [1, {total}], got {num_steps}")
+    steps = torch.linspace(0, total - 1, num_steps, dtype=torch.float64).round().long()
+    alpha_bar = schedule.alpha_bar.cpu()[steps]
+    alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return RespacedSchedule(steps, alpha_bar, alpha_bar_prev)
+
+
+def _coef(values: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
+    return values[i].to(device=like.device, dtype=like.dtype)
+
+
+def ddpm_step(rs: RespacedSchedule, i: int, xt: torch.Tensor, x0: torch.Tensor,
+              noise: torch.Tensor) -> torch.Tensor:
+    """x_{i-1} ~ q(x_{i-1} | x_i, x0_pred) (Ho et al. eq. 6-7, sigma^2 = beta tilde)."""
+    beta = _coef(rs.betas, i, xt)
+    abar, abar_prev = _coef(rs.alpha_bar, i, xt), _coef(rs.alpha_bar_prev, i, xt)
+    mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev)
+                                                         / (1 - abar)) * xt
+    if i == 0:
+        return mean
+    return mean + _coef(rs.posterior_variance, i, xt).sqrt() * noise
+
+
+def ddim_step(rs: RespacedSchedule, i: int, xt: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+              eta: float, noise: torch.Tensor) -> torch.Tensor:
+    """Song et al. 2021 eq. 12: x_{i-1} = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z,
+    with sigma = eta * sqrt((1 - abar') / (1 - abar)) * sqrt(1 - abar / abar') (eq. 16)."""
+    abar, abar_prev = _coef(rs.alpha_bar, i, xt), _coef(rs.alpha_bar_prev, i, xt)
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
+    out = abar_prev.sqrt() * x0 + direction
+    if eta > 0 and i > 0:
+        out = out + sigma * noise
+    return out
+
+
+def _predict(model: nn.Module, rs: RespacedSchedule, i: int, x: torch.Tensor, target: str,
+             labels: torch.Tensor | None, null_labels: torch.Tensor | None, guidance_scale: float,
+             clip_denoised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) at respaced step i, with classifier-free guidance when it applies."""
+    t = torch.full((x.shape[0],), int(rs.timesteps[i]), device=x.device, dtype=torch.long)
+    if labels is not None and null_labels is not None and guidance_scale != 1.0:
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels]))
+        cond, uncond = out.float().chunk(2)
+        output = uncond + guidance_scale * (cond - uncond)      # Ho & Salimans 2022, eq. 6
+    else:
+        output = (model(x, t, labels) if labels is not None else model(x, t)).float()
+    a = _coef(rs.alpha_bar, i, x).sqrt()
+    s = (1 - _coef(rs.alpha_bar, i, x)).sqrt()
+    if target == "eps":
+        eps, x0 = output, (x - s * output) / a
+    elif target == "v":
+        x0, eps = a * x - s * output, s * x + a * output
+    else:
+        raise ValueError(f"unknown target {target!r}; expected 'eps' or 'v'")
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - a * x0) / s
+    return x0, eps
+
+
+def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str
+           ) -> torch.Tensor:
+    """One standard-normal draw per sample from its own generator: (B, *shape)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
+           channels: int, resolution: int, sampler: str = "ddim", steps: int = 50,
+           eta: float = 0.0, target: str = "eps", seed: int = 0,
+           labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+           clip_denoised: bool = True, batch_size: int = 256,
+           device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+    """Generate ``num_images`` images (N, C, H, W) in [-1, 1] (unclipped at the last step if
+    ``clip_denoised`` is off). ``labels`` (N,) selects classes for a conditional model; guidance
+    needs a model with ``null_class``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if labels is not None and labels.shape != (num_images,):
+        raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
+    rs = respace(schedule, steps)
+    was_training = model.training
+    model.eval()
+    gens = [torch.Generator().manual_seed(seed + j) for j in range(num_images)]
+    shape = (channels, resolution, resolution)
+    out = []
+    bar = tqdm(total=num_images * steps, desc=f"sampling ({sampler}-{steps})", unit="step",
+               disable=not progress, leave=False)
+    for start in range(0, num_images, batch_size):
+        batch_gens = gens[start:start + batch_size]
+        x = _noise(batch_gens, shape, device)
+        y = labels[start:start + batch_size].to(device) if labels is not None else None
+        null = (torch.full_like(y, model.null_class) if y is not None and hasattr(model, "null_class")
+                else None)
+        for i in reversed(range(steps)):
+            x0, eps = _predict(model, rs, i, x, target, y, null, guidance_scale, clip_denoised)
+            if sampler == "ddpm":
+                x = ddpm_step(rs, i, x, x0, _noise(batch_gens, shape, device) if i > 0 else x)
+            else:
+                stochastic = eta > 0 and i > 0
+                x = ddim_step(rs, i, x, x0, eps, eta,
+                              _noise(batch_gens, shape, device) if stochastic else x)
+            bar.update(len(batch_gens))
+        out.append(x.cpu())
+    bar.close()
+    model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,370 @@
+"""DDPM training: one ``train_step`` that runs single-process and under DDP, and a resumable loop.
+
+Determinism: the data order, timesteps, noise and label dropout of step k are drawn from
+generators seeded by (seed, k) for the whole global batch, and each rank takes its slice. So a
+run is reproducible across resumes, and 2 workers x batch b see exactly what 1 worker x batch 2b
+sees. Dropout uses the global RNG, whose state the checkpoint keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from diffusion.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
+from diffusion.config import Config, ConfigError
+from diffusion.data import ImageSet, to_model_range
+from diffusion.ema import EMA
+from diffusion.losses import DiffusionLoss, UniformTimestepSampler
+from diffusion.schedule import NoiseSchedule
+from diffusion.unet import UNet
+
+# Keys that may change between a run and its resumption without invalidating the checkpoint.
+RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.log_every", "train.out_dir",
+                  "train.device", "train.compile") + tuple(
+    f"evaluate.{k}" for k in ("sampler", "steps", "eta", "guidance_scale", "num_samples",
+                              "batch_size", "seed", "clip_denoised"))
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+_NO_BAD_STEP = 2**62
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "DistContext":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda': no CUDA device is available here")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision = 'fp16': needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def lr_at(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps`` optimizer steps, then constant."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    x0: torch.Tensor        # (b, C, H, W) in [-1, 1]
+    labels: torch.Tensor | None
+    t: torch.Tensor         # (b,)
+    noise: torch.Tensor     # (b, C, H, W)
+    weights: torch.Tensor   # (b,) importance weights of the timestep sampler
+
+
+class BatchPlan:
+    """Deterministic, stateless batches: everything step k trains on is a function of (seed, k).
+
+    Step k draws one "step batch" of accum x world x b samples (images, t, noise, label dropout);
+    micro-batch m of rank r is its slice [(m * world + r) * b, +b). So 2 workers x b, 1 worker x
+    2b and 1 worker x b x 2 accumulation steps all train on the same samples.
+    """
+
+    def __init__(self, data: ImageSet, cfg: Config, ctx: DistContext, device: torch.device,
+                 null_class: int | None) -> None:
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.cfg, self.ctx, self.device, self.null_class = cfg, ctx, device, null_class
+        self.local = cfg.train.batch_size
+        self.step_size = self.local * ctx.world_size * cfg.train.grad_accum
+        n = self.images.shape[0]
+        if n < self.step_size:
+            raise ConfigError(f"train.batch_size = {self.local}: the samples per step ({self.step_size}"
+                              f" = batch_size x grad_accum x {ctx.world_size} workers) exceed the "
+                              f"{n} training images")
+        self.per_epoch = n // self.step_size
+        self.sampler = UniformTimestepSampler(cfg.diffusion.timesteps)
+        self._perm_epoch, self._perm = -1, torch.empty(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.images.shape[0], generator=g).to(self.device)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        epoch, offset = divmod(step, self.per_epoch)
+        index = self._permutation(epoch)[offset * self.step_size:(offset + 1) * self.step_size]
+        g = torch.Generator(self.device).manual_seed((self.cfg.train.seed + 1) * 1_000_003 + step)
+        t, w = self.sampler.sample(self.step_size, g, self.device)
+        noise = torch.randn((self.step_size, *self.images.shape[1:]), generator=g, device=self.device)
+        labels = None
+        if self.null_class is not None:
+            drop = torch.rand(self.step_size, generator=g, device=self.device)
+            labels = torch.where(drop < self.cfg.model.class_dropout,
+                                 torch.full_like(index, self.null_class), self.labels[index])
+        out = []
+        for m in range(self.cfg.train.grad_accum):
+            start = (m * self.ctx.world_size + self.ctx.rank) * self.local
+            mine = slice(start, start + self.local)
+            out.append(MicroBatch(to_model_range(self.images[index[mine]]),
+                                  labels[mine] if labels is not None else None,
+                                  t[mine], noise[mine], w[mine]))
+        return out
+
+
+@dataclass
+class TrainState:
+    model: UNet
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0
+
+
+def build_state(cfg: Config, device: torch.device, num_classes_in_data: int) -> TrainState:
+    if cfg.model.num_classes and cfg.model.num_classes < num_classes_in_data:
+        raise ConfigError(f"model.num_classes = {cfg.model.num_classes}: the data has "
+                          f"{num_classes_in_data} classes")
+    torch.manual_seed(cfg.train.seed)
+    model = UNet(cfg.model, cfg.data.channels, cfg.data.resolution).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
+                                  betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                  weight_decay=cfg.train.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    return TrainState(model, EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup), optimizer, scaler)
+
+
+def train_step(state: TrainState, net: nn.Module, loss_fn: DiffusionLoss, micro_batches: list[MicroBatch],
+               cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation). ``net`` is the model,
+    or its DDP / compiled wrapper; gradients sync only on the last micro-batch. Returns device
+    tensors (no host sync): mean loss and the pre-clipping global grad norm."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr_at(state.step, cfg.train.lr, cfg.train.warmup_steps)
+    amp = autocast_dtype(cfg.train.precision, device)
+    ddp = getattr(net, "_orig_mod", net)          # a compiled module wraps the DDP one
+    total = torch.zeros((), device=device)
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = ddp.no_sync() if isinstance(ddp, DDP) and not last else contextlib.nullcontext()
+        x0 = mb.x0.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else mb.x0
+        with sync:
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                per_sample = loss_fn(net, x0, mb.t, mb.noise, mb.weights, mb.labels)   # (b,)
+            loss = per_sample.mean() / len(micro_batches)
+            state.scaler.scale(loss).backward()
+        total += loss.detach()
+    state.scaler.unscale_(state.optimizer)
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.ema.update(state.model)
+    state.step += 1
+    return {"loss": total, "grad_norm": grad_norm.detach()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_training_checkpoint(state: TrainState, cfg: Config, path: Path) -> Path:
+    return save_atomic({
+        "format": FORMAT,
+        "step": state.step,
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "config_hash": cfg.hash(exclude=RESUMABLE_KEYS),
+        "model": state.model.state_dict(),
+        "ema": state.ema.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": _rng_state(),
+    }, path)
+
+
+def restore_training_checkpoint(state: TrainState, cfg: Config, path: Path,
+                                device: torch.device) -> None:
+    ckpt = load_checkpoint(path, map_location=device)
+    if ckpt["config_hash"] != cfg.hash(exclude=RESUMABLE_KEYS):
+        stored = json.loads(ckpt["config"])
+        now = cfg.to_dict()
+        changed = sorted(f"{s}.{k}" for s in now for k in now[s]
+                         if f"{s}.{k}" not in RESUMABLE_KEYS and stored.get(s, {}).get(k) != now[s][k])
+        raise CheckpointError(f"{path}: was trained with a different configuration "
+                              f"(changed: {', '.join(changed) or 'unknown'}); use another "
+                              "train.out_dir or restore those values to resume")
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step = int(ckpt["step"])
+    rng = ckpt.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+class _Monitor:
+    """Running metrics without host syncs between reports, and the NaN/Inf watch."""
+
+    def __init__(self, device: torch.device, ctx: DistContext, images_per_step: int) -> None:
+        self.device, self.ctx, self.images_per_step = device, ctx, images_per_step
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.bad_step = torch.full((), _NO_BAD_STEP, device=device, dtype=torch.long)
+        self.count, self.clock = 0, time.perf_counter()
+
+    def record(self, step: int, out: dict[str, torch.Tensor]) -> None:
+        loss = out["loss"]
+        bad = ~torch.isfinite(loss)
+        self.bad_step = torch.where(bad & (self.bad_step == _NO_BAD_STEP), step, self.bad_step)
+        self.loss_sum += loss.double()
+        self.count += 1
+
+    def check_finite(self, ckpt_path: Path, last_good: int) -> None:
+        bad = self.bad_step.clone()
+        if self.ctx.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        if int(bad) != _NO_BAD_STEP:
+            kept = f"the last good checkpoint {ckpt_path} (step {last_good}) is kept" if last_good \
+                else "no checkpoint had been written yet"
+            raise NonFiniteLossError(f"loss became NaN or Inf at step {int(bad) + 1}; training "
+                                     f"stopped and {kept}")
+
+    def report(self, step: int, out: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
+        now = time.perf_counter()
+        metrics = {"loss": float(self.loss_sum) / max(self.count, 1),
+                   "grad_norm": float(out["grad_norm"]), "lr": lr,
+                   "img_per_s": self.count * self.images_per_step / max(now - self.clock, 1e-9)}
+        self.loss_sum.zero_()
+        self.count, self.clock = 0, now
+        return metrics
+
+
+def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = True,
+          on_metrics: MetricsCallback | None = None) -> TrainResult:
+    """Train to ``cfg.train.steps`` optimizer steps, resuming from ``out_dir/checkpoint.pt``.
+
+    Works single-process and inside an initialized process group (DDP); only rank 0 writes.
+    """
+    started = time.perf_counter()
+    ctx = DistContext.current()
+    device = select_device(cfg.train.device)
+    if device.type == "cuda" and ctx.world_size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if data.images.shape[1:] != (cfg.data.channels, cfg.data.resolution, cfg.data.resolution):
+        raise ConfigError(f"data.resolution/channels = {cfg.data.resolution}/{cfg.data.channels}: "
+                          f"the images are {tuple(data.images.shape[1:])}")
+    out_dir = Path(cfg.train.out_dir).absolute()
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    state = build_state(cfg, device, data.num_classes)
+    if resume and ckpt_path.exists():
+        restore_training_checkpoint(state, cfg, ckpt_path, device)
+    resumed_from = last_good = state.step
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(out_dir / METRICS_NAME, state.step)
+
+    net: nn.Module = state.model
+    if ctx.world_size > 1:
+        net = DDP(state.model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+    loss_fn = DiffusionLoss(schedule, cfg.diffusion.target, cfg.diffusion.loss_weighting,
+                            cfg.diffusion.min_snr_gamma)
+    plan = BatchPlan(data, cfg, ctx, device, state.model.null_class if cfg.model.num_classes else None)
+    monitor = _Monitor(device, ctx, plan.step_size)
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=cfg.train.steps, initial=state.step, desc="training", unit="step",
+               disable=not (progress and ctx.is_main))
+    while state.step < cfg.train.steps:
+        step = state.step
+        out = train_step(state, net, loss_fn, plan.micro_batches(step), cfg, device)
+        monitor.record(step, out)
+        bar.update(1)
+        done = state.step == cfg.train.steps
+        if state.step % cfg.train.log_every == 0 or done:
+            monitor.check_finite(ckpt_path, last_good)
+            metrics = monitor.report(state.step, out, lr_at(step, cfg.train.lr, cfg.train.warmup_steps))
+            history.append({"step": state.step, **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+            if ctx.is_main:
+                _append_metrics(out_dir / METRICS_NAME, history[-1])
+            if on_metrics is not None:
+                on_metrics(state.step, metrics)
+        if state.step % cfg.train.checkpoint_every == 0 or done:
+            monitor.check_finite(ckpt_path, last_good)
+            if ctx.is_main:
+                save_training_checkpoint(state, cfg, ckpt_path)
+            last_good = state.step
+    bar.close()
+    if ctx.is_main and not ckpt_path.exists():  # nothing to do, but leave a loadable checkpoint
+        save_training_checkpoint(state, cfg, ckpt_path)
+    return TrainResult(state.step, ckpt_path, time.perf_counter() - started, history, resumed_from)
+
+
+def _append_metrics(path: Path, row: dict[str, float]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past ``step`` (work after the last checkpoint is redone on resume)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
