@@ -36,16 +36,22 @@ def _train(args: argparse.Namespace) -> int:
     data = load_dataset(cfg.data)
     print(f"data: {cfg.data.source}, {len(data.labels)} images of "
           f"{tuple(data.images.shape[1:])}; out_dir: {cfg.train.out_dir}", file=sys.stderr)
-    out_dir = Path(cfg.train.out_dir)
-    if not args.resume and (out_dir / "checkpoint.pt").exists():
-        raise CheckpointError(f"{out_dir / 'checkpoint.pt'} exists and --no-resume was given; "
-                              "choose another train.out_dir")
     result = train(cfg, data, resume=args.resume, progress=not args.quiet)
     summary = {"step": result.step, "resumed_from": result.resumed_from,
                "seconds": round(result.seconds, 1), "checkpoint": str(result.checkpoint),
                "final": result.history[-1] if result.history else None}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The main job until the pipeline lands: train (resumable), then a sample grid."""
+    _train(args)
+    out_dir = Path(load_config(args.params, args.overrides).train.out_dir)
+    grid_args = build_parser().parse_args(
+        ["sample", "--checkpoint", str(out_dir / "checkpoint.pt"), "--out", str(out_dir / "samples.png")]
+        + (["--quiet"] if args.quiet else []))
+    return _sample(grid_args)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -87,16 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a DDPM from params.yaml (resumable)",
-                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--params", type=Path, default=Path("params.yaml"),
-                   help="YAML config file (default: params.yaml); see README for every key")
-    t.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, checked like the file")
-    t.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="fail instead of continuing from an existing checkpoint in train.out_dir")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=_train)
+    for name, func, helptext in (
+            ("train", _train, "train a DDPM from params.yaml (resumable)"),
+            ("run", _run, "train, then write <train.out_dir>/samples.png (the main job)")):
+        t = sub.add_parser(name, help=helptext, description=helptext, epilog=TRAIN_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        t.add_argument("--params", type=Path, default=Path("params.yaml"),
+                       help="YAML config file (default: params.yaml); see README for every key")
+        t.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="config overrides, checked like the file")
+        t.add_argument("--no-resume", dest="resume", action="store_false",
+                       help="fail instead of continuing from an existing checkpoint in train.out_dir")
+        t.add_argument("--quiet", action="store_true", help="no progress bar")
+        t.set_defaults(func=func)
 
     s = sub.add_parser("sample", help="generate a PNG grid from a checkpoint's EMA weights",
                        description="Defaults come from the evaluate section stored in the checkpoint.")

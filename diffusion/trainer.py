@@ -252,6 +252,7 @@ class TrainResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
+    state: TrainState | None = field(default=None, repr=False)   # live model, EMA and optimizer
 
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -295,7 +296,8 @@ class _Monitor:
 
 def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = True,
           on_metrics: MetricsCallback | None = None) -> TrainResult:
-    """Train to ``cfg.train.steps`` optimizer steps, resuming from ``out_dir/checkpoint.pt``.
+    """Train to ``cfg.train.steps`` optimizer steps, resuming from ``out_dir/checkpoint.pt``
+    (with ``resume=False`` an existing checkpoint is an error, never overwritten).
 
     Works single-process and inside an initialized process group (DDP); only rank 0 writes.
     """
@@ -309,8 +311,11 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
                           f"the images are {tuple(data.images.shape[1:])}")
     out_dir = Path(cfg.train.out_dir).absolute()
     ckpt_path = out_dir / CHECKPOINT_NAME
+    if ckpt_path.exists() and not resume:
+        raise CheckpointError(f"{ckpt_path} exists and resuming is off; choose another "
+                              "train.out_dir (nothing was overwritten)")
     state = build_state(cfg, device, data.num_classes)
-    if resume and ckpt_path.exists():
+    if ckpt_path.exists():
         restore_training_checkpoint(state, cfg, ckpt_path, device)
     resumed_from = last_good = state.step
     if ctx.is_main:
@@ -353,7 +358,8 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
     bar.close()
     if ctx.is_main and not ckpt_path.exists():  # nothing to do, but leave a loadable checkpoint
         save_training_checkpoint(state, cfg, ckpt_path)
-    return TrainResult(state.step, ckpt_path, time.perf_counter() - started, history, resumed_from)
+    return TrainResult(state.step, ckpt_path, time.perf_counter() - started, history, resumed_from,
+                       state)
 
 
 def _append_metrics(path: Path, row: dict[str, float]) -> None:
