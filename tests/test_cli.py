@@ -26,12 +26,19 @@ def test_help_explains_every_option():
 
 def test_train_then_sample_writes_a_grid(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("data: {source: digits, resolution: 8}\nmodel: {preset: tiny, num_classes: 10}\n"
+    params.write_text(f"data: {{source: digits, resolution: 8, prepared_dir: {tmp_path / 'data' / 'prepared'}, "
+                      f"validation_dir: {tmp_path / 'data' / 'validation'}}}\n"
+                      "model: {preset: tiny, num_classes: 10}\n"
                       f"train: {{steps: 6, batch_size: 16, checkpoint_every: 3, out_dir: {tmp_path / 'run'}}}\n")
-    out = run("train", "--params", str(params), "--quiet", "train.log_every=3")
+    out = run("train", "--params", str(params), "--quiet")
+    assert out.returncode == 2 and "no manifest.csv; run the prepare stage first" in out.stderr
+    # the main job: prepare + validate + train + sample grid
+    out = run("run", "--params", str(params), "--quiet", "train.log_every=3")
     assert out.returncode == 0, out.stderr
-    summary = json.loads(out.stdout)
+    summary = json.loads(out.stdout[:out.stdout.index("}\n{") + 1])
     assert summary["step"] == 6 and summary["final"]["step"] == 6
+    assert (tmp_path / "run" / "samples.png").exists()
+    assert "dataset version" in out.stderr and (tmp_path / "data" / "validation" / "report.txt").exists()
     again = run("train", "--params", str(params), "--quiet", "train.steps=8")
     assert again.returncode == 0 and json.loads(again.stdout)["resumed_from"] == 6
 

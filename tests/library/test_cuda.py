@@ -5,6 +5,7 @@ import torch
 
 from diffusion.config import load_config
 from diffusion.data import load_dataset
+from tests.helpers import digits_dir
 from diffusion.sampling import sample
 from diffusion.schedule import NoiseSchedule
 from diffusion.trainer import train
@@ -12,7 +13,7 @@ from diffusion.unet import UNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-TINY = ["data.source=digits", "data.resolution=8", "model.preset=tiny", "train.batch_size=32",
+TINY = ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}", "model.preset=tiny", "train.batch_size=32",
         "train.log_every=5", "train.checkpoint_every=5", "train.device=cuda"]
 
 

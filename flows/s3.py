@@ -1,0 +1,102 @@
+"""Read an S3 prefix as image records, through boto3.
+
+Endpoint, region and credentials come from the standard settings (``AWS_ENDPOINT_URL``,
+``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID`` ..., ``~/.aws``); nothing here logs or stores them.
+Listing is paginated, downloads run concurrently, and botocore retries throttling and transient
+errors ("standard" retry mode).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+from diffusion.prepare import IMAGE_SUFFIXES, DataError, Record
+
+RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=64)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://") or len(uri) <= 5:
+        raise DataError(f"data.path = {uri!r}: expected s3://bucket/prefix")
+    bucket, _, prefix = uri[5:].partition("/")
+    return bucket, prefix
+
+
+def s3_client():
+    return boto3.session.Session().client("s3", config=RETRIES)
+
+
+def _explain(exc: Exception, where: str) -> DataError:
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "404"):
+            return DataError(f"{where}: bucket does not exist")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return DataError(f"{where}: access denied ({code}); check the credentials and the "
+                             "bucket policy")
+        if code in ("NoSuchKey",):
+            return DataError(f"{where}: object disappeared while reading")
+        return DataError(f"{where}: S3 error {code or type(exc).__name__}")
+    if isinstance(exc, NoCredentialsError):
+        return DataError(f"{where}: no AWS credentials found (environment, profile or ~/.aws)")
+    if isinstance(exc, EndpointConnectionError):
+        return DataError(f"{where}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')})")
+    return DataError(f"{where}: {type(exc).__name__}")
+
+
+def safe_relative_key(key: str, prefix: str) -> str | None:
+    """The key relative to the prefix, or None if it would escape a target directory."""
+    rel = key[len(prefix):].lstrip("/") if key.startswith(prefix) else key
+    if not rel or rel.startswith("/") or "\\" in rel:
+        return None
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(rel) != rel:
+        return None
+    return rel
+
+
+def list_keys(uri: str, client=None, page_size: int = 1000) -> list[str]:
+    """Every image key under the prefix (paginated), sorted."""
+    bucket, prefix = parse_s3_uri(uri)
+    client = client or s3_client()
+    keys: list[str] = []
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+        for page in pages:
+            keys += [o["Key"] for o in page.get("Contents", [])
+                     if o["Key"].lower().endswith(IMAGE_SUFFIXES)]
+    except Exception as exc:
+        raise _explain(exc, uri) from None
+    if not keys:
+        raise DataError(f"data.path = {uri!r}: no PNG or JPEG objects under this prefix")
+    return sorted(keys)
+
+
+def s3_records(uri: str, workers: int = 16, client=None, page_size: int = 1000
+               ) -> Iterator[Record | DataError]:
+    """Records for every image under ``uri``; the class is the first folder below the prefix."""
+    bucket, prefix = parse_s3_uri(uri)
+    client = client or s3_client()
+    keys = list_keys(uri, client, page_size)
+
+    def fetch(key: str) -> Record | DataError:
+        rel = safe_relative_key(key, prefix)
+        where = f"s3://{bucket}/{key}"
+        if rel is None:
+            return DataError(f"{where}: key would escape the target directory; refused")
+        try:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            return _explain(exc, where)
+        parts = rel.split("/")
+        return Record(where, body, parts[0] if len(parts) > 1 else None)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(fetch, keys)
