@@ -52,7 +52,13 @@ def _explain(exc: Exception, where: str) -> DataError:
 
 def safe_relative_key(key: str, prefix: str) -> str | None:
     """The key relative to the prefix, or None if it would escape a target directory."""
-    rel = key[len(prefix):].lstrip("/") if key.startswith(prefix) else key
+    if not key.startswith(prefix):
+        return None
+    rel = key[len(prefix):]
+    if prefix and not prefix.endswith("/"):
+        if not rel.startswith("/"):
+            return None                        # "p" must not match "pq/x.png" as "q/x.png"
+        rel = rel[1:]                          # exactly one separator; "p//x" stays absolute
     if not rel or rel.startswith("/") or "\\" in rel:
         return None
     parts = rel.split("/")

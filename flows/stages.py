@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=("prepare", "validate"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.params, args.overrides)
         if args.stage == "prepare":

@@ -1,0 +1,108 @@
+"""DVC for real: dvc repro of prepare + validate, push/pull through the default local remote and
+through an S3 remote on moto's server, and a failing validation that stops the pipeline."""
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from diffusion.prepare import dataset_version
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = {"source": "digits", "resolution": 8}
+SMALL_MODEL = {"preset": "tiny"}
+
+
+def sh(*args, cwd, env, check=True):
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check and out.returncode:
+        raise AssertionError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A git repository holding this project's pipeline files, with the digits as its data."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    (root / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    shutil.copy(REPO / ".dvc" / ".gitignore", root / ".dvc" / ".gitignore")
+    for pkg in ("diffusion", "flows"):
+        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(DATA)
+    params["model"].update(SMALL_MODEL)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    sh("git", "init", "-q", cwd=root, env=env)
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-qm", "pipeline", cwd=root, env=env)
+    return root, env
+
+
+def files_of(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_repro_versions_the_data_and_local_remote_round_trips(project):
+    root, env = project
+    out = sh("dvc", "repro", cwd=root, env=env)
+    assert "Running stage 'prepare'" in out.stdout and "Running stage 'validate'" in out.stdout
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    recorded = lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert recorded == dataset_version(root / "data" / "prepared")   # the library's version = DVC's
+    assert set(lock["stages"]["prepare"]["params"]["params.yaml"]) >= {"data.source", "data.resolution"}
+    again = sh("dvc", "repro", cwd=root, env=env)
+    assert "Running stage" not in again.stdout                        # unchanged inputs: skipped
+    before = files_of(root / "data" / "prepared")
+    sh("dvc", "push", cwd=root, env=env)                              # the default local remote
+    assert (root / ".dvc-storage").is_dir()
+    shutil.rmtree(root / "data" / "prepared")
+    shutil.rmtree(root / ".dvc" / "cache")
+    sh("dvc", "pull", cwd=root, env=env)
+    assert files_of(root / "data" / "prepared") == before
+
+
+def test_push_to_s3_and_pull_into_a_fresh_clone(project, s3_env, tmp_path):
+    root, env = project
+    env = {**env, **s3_env}
+    bucket = f"dvc-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    sh("dvc", "repro", cwd=root, env=env)
+    sh("dvc", "remote", "add", "s3", f"s3://{bucket}/store", cwd=root, env=env)
+    sh("dvc", "remote", "modify", "s3", "endpointurl", s3_env["AWS_ENDPOINT_URL"], cwd=root, env=env)
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-qm", "data v1", cwd=root, env=env)
+    sh("dvc", "push", "-r", "s3", cwd=root, env=env)
+    objects = boto3.client("s3").list_objects_v2(Bucket=bucket)["KeyCount"]
+    assert objects >= 5                                       # shards, manifest, stats, rejects, .dir
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(root), str(clone), cwd=tmp_path, env=env)
+    assert not (clone / "data" / "prepared").exists()
+    sh("dvc", "pull", "-r", "s3", cwd=clone, env=env)
+    assert files_of(clone / "data" / "prepared") == files_of(root / "data" / "prepared")
+    assert (s3_env["AWS_SECRET_ACCESS_KEY"] not in (clone / ".dvc" / "config").read_text())
+
+
+def test_failing_validation_stops_repro_with_a_report(project):
+    root, env = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["min_pixel_std"] = 10_000.0                 # no real image is that varied
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc", "repro", cwd=root, env=env, check=False)
+    assert out.returncode != 0
+    assert "validate stage" in out.stderr and "pixel_stats" in out.stderr
+    report = (root / "data" / "validation" / "report.txt").read_text()
+    assert "[pixel_stats]" in report and "train-00000.npy" in report
