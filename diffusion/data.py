@@ -46,7 +46,8 @@ def load_prepared(directory: str | Path, split: str = "train") -> ImageSet:
         raise ConfigError(f"{directory}: {split} shards hold {images.shape[0]} images, the manifest "
                           f"lists {len(rows)}; prepare again")
     classes = json.loads((directory / "stats.json").read_text()).get("classes", [])
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(rows["label"].to_numpy(np.int64)),
+    labels = rows["label"].to_numpy(np.int64).copy()     # pandas 3 hands out read-only arrays
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels),
                     num_classes=len(classes))
 
 

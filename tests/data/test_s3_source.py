@@ -96,3 +96,38 @@ def test_config_requires_an_s3_uri():
         load_config(None, ["data.source=s3"])
     with pytest.raises(ConfigError, match=r"data.path = 'bucket/x': expected s3://bucket/prefix"):
         load_config(None, ["data.source=s3", "data.path=bucket/x"])
+
+
+def test_access_denied_is_named(tmp_path, monkeypatch):
+    """A second moto server with authentication on: unknown credentials get a real 403."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.data.conftest import free_port
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                import urllib.request
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+                break
+            except Exception as exc:  # noqa: BLE001 - waiting for the port
+                if "HTTP Error" in str(exc):
+                    break
+                time.sleep(0.3)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-real-key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-456")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        with pytest.raises(DataError, match=r"s3://locked/data: access denied \(InvalidAccessKeyId\)") as err:
+            list(s3_records("s3://locked/data"))
+        assert "wrong-secret-456" not in str(err.value)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
