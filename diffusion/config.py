@@ -41,6 +41,7 @@ LossWeighting = Literal["none", "min_snr"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 SamplerName = Literal["ddpm", "ddim"]
+ExtractorKind = Literal["domain", "inception"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ExtractorConfig:
+    kind: ExtractorKind = "domain"               # domain (offline classifier) | inception (TorchScript)
+    path: str = "models/extractor.pt"            # domain: written by the extractor stage; inception: yours
+    epochs: int = _bound(12, ge=1)               # domain classifier training
+    batch_size: int = _bound(128, ge=1)
+    lr: float = _bound(2e-3, gt=0.0, le=1.0)
+    seed: int = _bound(0, ge=0)
+    min_accuracy: float = _bound(0.9, ge=0.0, le=1.0)   # the stage fails below this held-out accuracy
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     sampler: SamplerName = "ddim"
     steps: int = _bound(50, ge=1)                # respaced sampling steps (<= diffusion.timesteps)
@@ -112,6 +124,12 @@ class EvaluateConfig:
     batch_size: int = _bound(256, ge=1)
     seed: int = _bound(0, ge=0)
     clip_denoised: bool = True                   # clip predicted x0 to [-1, 1] at each step
+    fid_samples: int = _bound(1000, ge=2)        # generated images per seed for FID / KID
+    fid_seeds: int = _bound(3, ge=1)             # repeats; the report gives mean and spread
+    kid_subset_size: int = _bound(1000, ge=2)
+    reference_cache: str = "data/reference_stats"  # cached real-data statistics (keyed, never stale)
+    metrics_path: str = "metrics/eval.json"      # for dvc metrics show
+    grid_path: str = "metrics/samples.png"       # fixed-seed sample grid
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
+    extractor: ExtractorConfig = ExtractorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ sees. Dropout uses the global RNG, whose state the checkpoint keeps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from diffusion.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
-from diffusion.config import Config, ConfigError
+from diffusion.config import Config, ConfigError, EvaluateConfig, ExtractorConfig
 from diffusion.data import ImageSet, to_model_range
 from diffusion.ema import EMA
 from diffusion.losses import DiffusionLoss, UniformTimestepSampler
@@ -32,8 +33,8 @@ from diffusion.unet import UNet
 # Keys that may change between a run and its resumption without invalidating the checkpoint.
 RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.log_every", "train.out_dir",
                   "train.device", "train.compile") + tuple(
-    f"evaluate.{k}" for k in ("sampler", "steps", "eta", "guidance_scale", "num_samples",
-                              "batch_size", "seed", "clip_denoised"))
+    f"{section}.{f.name}" for section, cls in (("evaluate", EvaluateConfig), ("extractor", ExtractorConfig))
+    for f in dataclasses.fields(cls))
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 _NO_BAD_STEP = 2**62

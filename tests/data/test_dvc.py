@@ -41,6 +41,9 @@ def project(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(DATA)
     params["model"].update(SMALL_MODEL)
+    params["extractor"].update(epochs=20, min_accuracy=0.8)
+    params["train"].update(steps=10, batch_size=32, checkpoint_every=5)
+    params["evaluate"].update(fid_samples=100, fid_seeds=2, steps=10, kid_subset_size=100)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
@@ -59,7 +62,10 @@ def files_of(directory):
 def test_repro_versions_the_data_and_local_remote_round_trips(project):
     root, env = project
     out = sh("dvc", "repro", cwd=root, env=env)
-    assert "Running stage 'prepare'" in out.stdout and "Running stage 'validate'" in out.stdout
+    for stage in ("prepare", "validate", "extractor", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in out.stdout
+    metrics = sh("dvc", "metrics", "show", "--json", cwd=root, env=env).stdout
+    assert '"fid"' in metrics and '"floor_fid"' in metrics
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     recorded = lock["stages"]["prepare"]["outs"][0]["md5"]
     assert recorded == dataset_version(root / "data" / "prepared")   # the library's version = DVC's

@@ -1,0 +1,138 @@
+"""Evaluation: FID and KID of generated samples against cached real-data statistics.
+
+Reference statistics are cached under a key made of the dataset version, the extractor's sha256,
+the resolution, the split and the number of images; any change gives a new key, so stale numbers
+are never reused. The report repeats generation over K seeds (mean and spread) and gives the
+real-vs-real floor (held-out vs train) so that a user sees what "good" means for this data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.checkpoint import checkpoint_config, load_checkpoint
+from diffusion.config import Config
+from diffusion.data import ImageSet, load_prepared, to_uint8
+from diffusion.features import FeatureExtractor
+from diffusion.fid import FeatureStats, frechet_distance, kernel_inception_distance
+from diffusion.grid import save_grid
+from diffusion.prepare import dataset_version
+from diffusion.sampling import sample
+from diffusion.schedule import NoiseSchedule
+from diffusion.unet import UNet
+
+
+@dataclass(frozen=True)
+class Reference:
+    key: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray      # kept (float32) for KID
+    n: int
+
+
+def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    """uint8 (N, C, H, W) -> (N, d) features, batch by batch."""
+    return np.concatenate([extractor(images[i:i + batch_size])
+                           for i in range(0, images.shape[0], batch_size)])
+
+
+def reference_key(dataset: str, extractor_sha256: str, resolution: int, split: str, n: int) -> str:
+    blob = json.dumps({"dataset": dataset, "extractor": extractor_sha256, "resolution": resolution,
+                       "split": split, "n": n}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def reference_stats(cache_dir: str | Path, images: ImageSet, extractor: FeatureExtractor, *,
+                    dataset: str, split: str) -> tuple[Reference, bool]:
+    """Statistics of real images, from the cache when the key matches; returns (stats, cache_hit)."""
+    n, resolution = images.images.shape[0], images.images.shape[-1]
+    key = reference_key(dataset, extractor.sha256, resolution, split, n)
+    path = Path(cache_dir) / f"{split}-{key[:24]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return Reference(key, z["mu"], z["sigma"], z["features"], int(z["n"])), True
+    feats = extract(extractor, images.images)
+    stats = FeatureStats(feats.shape[1])
+    stats.update(feats)
+    ref = Reference(key, stats.mean, stats.cov, feats.astype(np.float32), n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, key=np.array(key), mu=ref.mu, sigma=ref.sigma, features=ref.features,
+                 n=np.array(n))
+    os.replace(tmp, path)
+    return ref, False
+
+
+def fid_against(features: np.ndarray, ref: Reference, kid_subset: int) -> dict[str, float | list]:
+    stats = FeatureStats(features.shape[1])
+    stats.update(features)
+    fd = frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)
+    kid, _ = kernel_inception_distance(features, ref.features, num_subsets=50, subset_size=kid_subset)
+    return {"fid": fd.value, "kid": kid, "notes": list(fd.notes)}
+
+
+def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"
+                   ) -> tuple[UNet, NoiseSchedule, Config, dict]:
+    ckpt = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt, checkpoint)
+    model = UNet(cfg.model, cfg.data.channels, cfg.data.resolution)
+    model.load_state_dict(ckpt["ema"]["model"])
+    schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    return model.to(device).eval(), schedule.to(device), cfg, ckpt
+
+
+def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *,
+             progress: bool = True, device: str | torch.device = "cpu") -> dict:
+    """FID / KID over ``evaluate.fid_seeds`` seeds of ``evaluate.fid_samples`` images, the
+    real-vs-real floor, a metrics JSON and a fixed-seed sample grid."""
+    ev = cfg.evaluate
+    model, schedule, trained_cfg, ckpt = load_generator(checkpoint, device)
+    prepared = Path(cfg.data.prepared_dir)
+    version = dataset_version(prepared)
+    train_ref, hit = reference_stats(ev.reference_cache, load_prepared(prepared, "train"), extractor,
+                                     dataset=version, split="train")
+    heldout = load_prepared(prepared, "heldout")
+    floor = fid_against(extract(extractor, heldout.images), train_ref,
+                        min(ev.kid_subset_size, len(heldout.labels)))
+    per_seed = []
+    for k in range(ev.fid_seeds):
+        n = ev.fid_samples
+        classes = trained_cfg.model.num_classes
+        labels = torch.arange(n) % classes if classes else None
+        images = sample(model, schedule, n, channels=trained_cfg.data.channels,
+                        resolution=trained_cfg.data.resolution, sampler=ev.sampler, steps=ev.steps,
+                        eta=ev.eta, target=trained_cfg.diffusion.target, seed=ev.seed + k * 1_000_003,
+                        labels=labels, guidance_scale=ev.guidance_scale, clip_denoised=ev.clip_denoised,
+                        batch_size=ev.batch_size, device=device, progress=progress)
+        if k == 0:
+            save_grid(images[:min(n, 100)], ev.grid_path)
+        per_seed.append(fid_against(extract(extractor, to_uint8(images)), train_ref,
+                                    min(ev.kid_subset_size, n)))
+    fids = [r["fid"] for r in per_seed]
+    kids = [r["kid"] for r in per_seed]
+    metrics = {
+        "fid": float(np.mean(fids)), "fid_std": float(np.std(fids)), "fid_per_seed": fids,
+        "kid": float(np.mean(kids)), "kid_std": float(np.std(kids)),
+        "floor_fid": floor["fid"], "floor_kid": floor["kid"],
+        "fid_over_floor": float(np.mean(fids) / max(floor["fid"], 1e-12)),
+        "samples_per_seed": ev.fid_samples, "seeds": ev.fid_seeds, "sampler": ev.sampler,
+        "steps": ev.steps, "guidance_scale": ev.guidance_scale, "checkpoint_step": int(ckpt["step"]),
+        "extractor": extractor.name, "extractor_sha256": extractor.sha256,
+        "dataset_version": version, "reference_cache_hit": hit,
+        "notes": sorted({n for r in per_seed + [floor] for n in r["notes"]}),
+    }
+    path = Path(ev.metrics_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,160 @@
+"""FID / KID against closed forms and a second implementation; extractors; the reference cache."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffusion.data import ImageSet, load_prepared
+from diffusion.evaluate import extract, reference_key, reference_stats
+from diffusion.features import load_domain_extractor, load_inception, save_classifier, train_classifier
+from diffusion.fid import FeatureStats, frechet_distance, kernel_inception_distance
+from tests.helpers import digits_dir
+
+
+def sqrtm_2x2(m):
+    """Closed form: sqrt(M) = (M + s I) / t with s = sqrt(det M), t = sqrt(tr M + 2 s)."""
+    s = math.sqrt(np.linalg.det(m))
+    return (m + s * np.eye(2)) / math.sqrt(np.trace(m) + 2 * s)
+
+
+def test_frechet_diagonal_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    ref = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)).value == pytest.approx(ref, rel=1e-10)
+
+
+def test_frechet_rotated_covariance_closed_form():
+    a = np.array([[2.0, 0.3], [0.3, 0.5]])
+    th = 0.7
+    r = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    b = r @ np.diag([3.0, 0.2]) @ r.T
+    ra = sqrtm_2x2(a)
+    ref = np.trace(a) + np.trace(b) - 2 * np.trace(sqrtm_2x2(ra @ b @ ra)) + 0.5 ** 2
+    got = frechet_distance(np.zeros(2), a, np.array([0.5, 0.0]), b).value
+    assert got == pytest.approx(ref, rel=1e-9)
+
+
+def test_identical_sets_and_singular_covariances():
+    x = np.random.default_rng(0).normal(size=(500, 6))
+    s = FeatureStats(6)
+    s.update(x)
+    assert frechet_distance(s.mean, s.cov, s.mean, s.cov).value == pytest.approx(0, abs=1e-8)
+    rank1 = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])           # rank-deficient covariances
+    res = frechet_distance(np.zeros(3), rank1, np.zeros(3), np.zeros((3, 3)))
+    assert math.isfinite(res.value) and res.value == pytest.approx(np.trace(rank1), rel=1e-3)
+    assert res.notes == ("product of covariances is singular; added 1e-06 to both diagonals",)
+
+
+def test_streaming_statistics_equal_batch_statistics():
+    x = np.random.default_rng(1).normal(size=(1003, 5)) * [1, 2, 3, 4, 5] + 7
+    s = FeatureStats(5)
+    for i in range(0, 1003, 97):
+        s.update(x[i:i + 97])
+    assert s.n == 1003
+    np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(s.cov, np.cov(x, rowvar=False), rtol=1e-9)
+    with pytest.raises(ValueError, match=r"features must have shape \(B, 5\)"):
+        s.update(np.zeros((2, 4)))
+
+
+def test_kid_matches_a_direct_unbiased_estimate():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(30, 4)), rng.normal(0.5, 1, size=(30, 4))
+    k = lambda a, b: (a @ b / 4 + 1) ** 3                              # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(30) for j in range(30) if i != j) / (30 * 29)
+    yy = sum(k(y[i], y[j]) for i in range(30) for j in range(30) if i != j) / (30 * 29)
+    xy = sum(k(x[i], y[j]) for i in range(30) for j in range(30)) / 900
+    kid, _ = kernel_inception_distance(x, y, num_subsets=1, subset_size=30)
+    assert kid == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    same, _ = kernel_inception_distance(rng.normal(size=(400, 4)), rng.normal(size=(400, 4)),
+                                        num_subsets=20, subset_size=200)
+    assert abs(same) < 0.05                                            # unbiased: ~0 for equal laws
+
+
+@pytest.fixture(scope="module")
+def digits_extractor(tmp_path_factory):
+    train, heldout = load_prepared(digits_dir(), "train"), load_prepared(digits_dir(), "heldout")
+    model, acc = train_classifier(train, heldout, epochs=20, progress=False)
+    path = tmp_path_factory.mktemp("ext") / "extractor.pt"
+    save_classifier(model, path, {"heldout_accuracy": acc})
+    return load_domain_extractor(path), acc
+
+
+def test_domain_extractor_learns_the_digits(digits_extractor):
+    extractor, acc = digits_extractor
+    assert acc > 0.85 and len(extractor.sha256) == 64 and extractor.dim == 128
+
+
+def test_fid_grows_as_real_images_get_noisier(digits_extractor):
+    extractor, _ = digits_extractor
+    train, heldout = load_prepared(digits_dir(), "train"), load_prepared(digits_dir(), "heldout")
+    ref = FeatureStats(128)
+    ref.update(extract(extractor, train.images))
+    g = torch.Generator().manual_seed(0)
+    values = []
+    for sigma in (0, 20, 40, 80, 160):
+        noisy = (heldout.images.float() + sigma * torch.randn(heldout.images.shape, generator=g))
+        s = FeatureStats(128)
+        s.update(extract(extractor, noisy.round().clamp(0, 255).to(torch.uint8)))
+        values.append(frechet_distance(s.mean, s.cov, ref.mean, ref.cov).value)
+    assert all(a < b for a, b in zip(values, values[1:])), values
+
+
+class StandInInception(nn.Module):
+    """Same call signature as inception-2015-12-05.pt: uint8 NCHW 299x299 in, 2048-d features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 2048)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3 and x.shape[2] == 299 and x.shape[3] == 299
+        return self.proj(x.float().mean(dim=(2, 3)) / 255.0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # the test builds TorchScript itself
+def test_torchscript_inception_path(tmp_path):
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(StandInInception()), str(path))
+    ext = load_inception(path)
+    feats = ext(torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8))
+    assert feats.shape == (5, 2048) and feats.dtype == np.float64
+    with pytest.raises(Exception, match="file not found"):
+        load_inception(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not torchscript")
+    with pytest.raises(Exception, match="junk.pt: not a TorchScript module"):
+        load_inception(tmp_path / "junk.pt")
+
+
+def test_reference_cache_is_keyed_and_never_stale(tmp_path):
+    calls = []
+
+    class Counting:
+        name, dim = "counting", 2
+
+        def __init__(self, sha):
+            self.sha256 = sha
+
+        def __call__(self, images):
+            calls.append(len(images))
+            return images.float().flatten(1)[:, :2].double().numpy()
+
+    imgs = ImageSet(torch.randint(0, 255, (40, 1, 4, 4), dtype=torch.uint8), torch.zeros(40, dtype=torch.long), 1)
+    a, hit = reference_stats(tmp_path, imgs, Counting("e1"), dataset="v1", split="train")
+    assert not hit and len(calls) == 1
+    b, hit = reference_stats(tmp_path, imgs, Counting("e1"), dataset="v1", split="train")
+    assert hit and len(calls) == 1 and np.array_equal(a.sigma, b.sigma)
+    for changed in (dict(dataset="v2", split="train"), dict(dataset="v1", split="heldout")):
+        _, hit = reference_stats(tmp_path, imgs, Counting("e1"), **changed)
+        assert not hit
+    _, hit = reference_stats(tmp_path, imgs, Counting("e2"), dataset="v1", split="train")
+    assert not hit                                                  # another extractor
+    smaller = ImageSet(imgs.images[:30], imgs.labels[:30], 1)
+    _, hit = reference_stats(tmp_path, smaller, Counting("e1"), dataset="v1", split="train")
+    assert not hit                                                  # another sample count
+    keys = {reference_key("v1", "e1", 4, "train", 40), reference_key("v1", "e1", 8, "train", 40)}
+    assert len(keys) == 2                                           # another resolution

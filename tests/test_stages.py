@@ -1,0 +1,59 @@
+"""The extractor, train and evaluate stages through their entry points, on real digits."""
+
+import json
+
+import pytest
+
+from diffusion.config import load_config
+from flows.stages import evaluate_stage, extractor_stage, main, train_stage
+from tests.helpers import digits_dir
+
+
+def stage_cfg(tmp_path, *extra):
+    return load_config(None, [
+        "data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
+        "model.preset=tiny", "model.num_classes=10",
+        f"extractor.path={tmp_path / 'extractor.pt'}", "extractor.epochs=20", "extractor.min_accuracy=0.8",
+        "train.steps=6", "train.batch_size=32", f"train.out_dir={tmp_path / 'run'}",
+        "evaluate.fid_samples=120", "evaluate.fid_seeds=2", "evaluate.steps=10",
+        "evaluate.kid_subset_size=100", f"evaluate.reference_cache={tmp_path / 'refs'}",
+        f"evaluate.metrics_path={tmp_path / 'metrics' / 'eval.json'}",
+        f"evaluate.grid_path={tmp_path / 'metrics' / 'samples.png'}", *extra])
+
+
+def test_extractor_train_evaluate(tmp_path):
+    cfg = stage_cfg(tmp_path)
+    ext = extractor_stage(cfg, progress=False)
+    assert ext["heldout_accuracy"] >= 0.8 and len(ext["sha256"]) == 64
+    train_stage(cfg, progress=False)
+    m = evaluate_stage(cfg, progress=False)
+    assert m["seeds"] == 2 and len(m["fid_per_seed"]) == 2 and m["fid_std"] >= 0
+    # a 6-step model is far from the data; two real splits are close
+    assert m["fid"] > 3 * m["floor_fid"] and m["fid_over_floor"] > 3
+    assert m["extractor_sha256"] == ext["sha256"] and m["dataset_version"].endswith(".dir")
+    assert m["reference_cache_hit"] is False
+    on_disk = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert on_disk["fid"] == m["fid"] and (tmp_path / "metrics" / "samples.png").exists()
+    again = evaluate_stage(cfg, progress=False)
+    assert again["reference_cache_hit"] is True and again["fid"] == pytest.approx(m["fid"])
+
+
+def test_extractor_below_min_accuracy_fails_the_stage(tmp_path, capsys):
+    rc = main(["extractor", "--params", "params.yaml", "data.source=digits", "data.resolution=8",
+               f"data.prepared_dir={digits_dir()}", "model.preset=tiny",
+               f"extractor.path={tmp_path / 'e.pt'}", "extractor.epochs=1", "extractor.min_accuracy=0.99"])
+    assert rc == 2
+    assert "extractor stage: extractor.min_accuracy = 0.99: the domain classifier reached only" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "e.pt").exists()
+
+
+def test_evaluate_names_what_is_missing(tmp_path, capsys):
+    args = ["evaluate", "--params", "params.yaml", "data.source=digits", "data.resolution=8",
+            f"data.prepared_dir={digits_dir()}", "model.preset=tiny", f"train.out_dir={tmp_path / 'none'}"]
+    assert main(args + [f"extractor.path={tmp_path / 'x.pt'}"]) == 2
+    assert "x.pt: domain extractor not found; run the extractor stage first" in capsys.readouterr().err
+    cfg = stage_cfg(tmp_path)
+    extractor_stage(cfg, progress=False)
+    assert main(args + [f"extractor.path={tmp_path / 'extractor.pt'}"]) == 2
+    assert "checkpoint.pt: checkpoint file not found" in capsys.readouterr().err
