@@ -200,3 +200,12 @@ def test_precision_and_memory_format_options(tmp_path, digits):
 def test_batch_larger_than_dataset_is_named(tmp_path, digits):
     with pytest.raises(ConfigError, match=r"train.batch_size = 4096: the samples per step \(4096"):
         train(tiny_cfg(tmp_path, "train.steps=1", "train.batch_size=4096"), digits, progress=False)
+
+
+def test_compiled_training_matches_eager(tmp_path, digits):
+    # torch.compile on CPU takes ~1 minute for the tiny net; the result must match eager mode
+    eager = train(tiny_cfg(tmp_path / "eager", "train.steps=3"), digits, progress=False)
+    compiled = train(tiny_cfg(tmp_path / "compiled", "train.steps=3", "train.compile=true"), digits,
+                     progress=False)
+    pa, pb = eager.state.model.state_dict(), compiled.state.model.state_dict()
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
