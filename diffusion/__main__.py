@@ -1,4 +1,4 @@
-"""Command line: ``python -m diffusion train|sample``. Run with ``--help`` for every option."""
+"""Command line: ``python -m diffusion train|run|sample``. Run with ``--help`` for every option."""
 
 from __future__ import annotations
 
@@ -9,22 +9,21 @@ from pathlib import Path
 
 import torch
 
-from diffusion.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
+from diffusion.checkpoint import CheckpointError
 from diffusion.config import ConfigError, load_config
 from diffusion.data import load_dataset
 from diffusion.grid import save_grid
-from diffusion.prepare import DataError, prepare, source_records
-from diffusion.sampling import SAMPLERS, sample
-from diffusion.schedule import NoiseSchedule
+from diffusion.prepare import DataError, prepare_from_config
+from diffusion.sampling import SAMPLERS, load_generator, sample
 from diffusion.trainer import NonFiniteLossError, select_device, train
-from diffusion.unet import UNet, count_parameters
+from diffusion.unet import count_parameters
 from diffusion.validate import ValidationFailed, validate_dataset
 
 TRAIN_EPILOG = """\
 overrides:
   Any key of params.yaml can be overridden as section.key=value, checked like the file:
     python -m diffusion train train.steps=500 train.lr=1e-4 model.preset=tiny
-  Sections: data, model, diffusion, train, evaluate. An unknown key or a bad value stops
+  Sections: data, model, diffusion, train, extractor, evaluate. An unknown key or a bad value stops
   the run before anything happens, naming the key, the value and what is allowed.
 
 resume:
@@ -46,20 +45,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_and_validate(cfg) -> None:
+def _run(args: argparse.Namespace) -> int:
+    """The main job until the pipeline lands: prepare, validate, train (resumable), sample grid."""
+    cfg = load_config(args.params, args.overrides)
     d = cfg.data
-    result = prepare(source_records(d), d.prepared_dir, resolution=d.resolution, channels=d.channels,
-                     heldout_fraction=d.heldout_fraction, bad_files=d.bad_files, source=d.source)
+    result = prepare_from_config(d)
     print(f"prepared {d.prepared_dir}: {result.counts}, dataset version {result.version}",
           file=sys.stderr)
     validate_dataset(d.prepared_dir, d.validation_dir, min_pixel_std=d.min_pixel_std)
-
-
-def _run(args: argparse.Namespace) -> int:
-    """The main job until the pipeline lands: prepare, validate, train (resumable), sample grid."""
-    _prepare_and_validate(load_config(args.params, args.overrides))
     _train(args)
-    out_dir = Path(load_config(args.params, args.overrides).train.out_dir)
+    out_dir = Path(cfg.train.out_dir)
     grid_args = build_parser().parse_args(
         ["sample", "--checkpoint", str(out_dir / "checkpoint.pt"), "--out", str(out_dir / "samples.png")]
         + (["--quiet"] if args.quiet else []))
@@ -67,14 +62,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = checkpoint_config(ckpt, args.checkpoint)
-    ev = cfg.evaluate
     device = select_device(args.device)
-    model = UNet(cfg.model, cfg.data.channels, cfg.data.resolution)
-    model.load_state_dict(ckpt["ema"]["model"] if not args.raw_weights else ckpt["model"])
-    model.to(device)
-    schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+    model, schedule, cfg, ckpt = load_generator(args.checkpoint, device, ema=not args.raw_weights)
+    ev = cfg.evaluate
     n = args.num if args.num is not None else ev.num_samples
     labels = None
     if cfg.model.num_classes:

@@ -18,16 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion.checkpoint import checkpoint_config, load_checkpoint
 from diffusion.config import Config
 from diffusion.data import ImageSet, load_prepared, to_uint8
 from diffusion.features import FeatureExtractor
 from diffusion.fid import FeatureStats, frechet_distance, kernel_inception_distance
 from diffusion.grid import save_grid
 from diffusion.prepare import dataset_version
-from diffusion.sampling import sample
-from diffusion.schedule import NoiseSchedule
-from diffusion.unet import UNet
+from diffusion.sampling import load_generator, sample
 
 
 @dataclass(frozen=True)
@@ -80,16 +77,6 @@ def fid_against(features: np.ndarray, ref: Reference, kid_subset: int) -> dict[s
     fd = frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)
     kid, _ = kernel_inception_distance(features, ref.features, num_subsets=50, subset_size=kid_subset)
     return {"fid": fd.value, "kid": kid, "notes": list(fd.notes)}
-
-
-def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"
-                   ) -> tuple[UNet, NoiseSchedule, Config, dict]:
-    ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt, checkpoint)
-    model = UNet(cfg.model, cfg.data.channels, cfg.data.resolution)
-    model.load_state_dict(ckpt["ema"]["model"])
-    schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    return model.to(device).eval(), schedule.to(device), cfg, ckpt
 
 
 def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *,

@@ -294,6 +294,16 @@ def _remove_tree(path: Path) -> None:
         path.rmdir()
 
 
+def prepare_from_config(cfg: DataConfig, records: Iterable[Record | DataError] | None = None
+                        ) -> PrepareResult:
+    """The prepare stage for ``cfg``; ``records`` defaults to the packaged / folder source
+    (the S3 source passes its own records from flows.s3)."""
+    return prepare(source_records(cfg) if records is None else records, cfg.prepared_dir,
+                   resolution=cfg.resolution, channels=cfg.channels,
+                   heldout_fraction=cfg.heldout_fraction, bad_files=cfg.bad_files,
+                   source=f"{cfg.source}:{cfg.path}" if cfg.path else cfg.source)
+
+
 # --------------------------------------------------------------------------- reading and versioning
 
 def file_md5(path: Path) -> str:

@@ -8,13 +8,17 @@ generator per sample seeded by ``seed + index``, so image j is the same whatever
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusion.checkpoint import checkpoint_config, load_checkpoint
+from diffusion.config import Config
 from diffusion.schedule import NoiseSchedule
+from diffusion.unet import UNet
 
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLERS = ("ddpm", "ddim")
@@ -150,3 +154,14 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
     bar.close()
     model.train(was_training)
     return torch.cat(out)
+
+
+def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True
+                   ) -> tuple[UNet, NoiseSchedule, Config, dict]:
+    """(network with EMA or raw weights, schedule, trained config, checkpoint) from a checkpoint."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt, checkpoint)
+    model = UNet(cfg.model, cfg.data.channels, cfg.data.resolution)
+    model.load_state_dict(ckpt["ema"]["model"] if ema else ckpt["model"])
+    schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    return model.to(device).eval(), schedule.to(device), cfg, ckpt

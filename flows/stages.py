@@ -18,7 +18,7 @@ from diffusion.data import load_dataset, load_prepared
 from diffusion.evaluate import evaluate
 from diffusion.features import (FeatureExtractor, load_domain_extractor, load_inception,
                                 save_classifier, train_classifier)
-from diffusion.prepare import DataError, PrepareResult, dataset_version, prepare, source_records
+from diffusion.prepare import DataError, PrepareResult, dataset_version, prepare_from_config
 from diffusion.trainer import NonFiniteLossError, TrainResult, train
 from diffusion.validate import ValidationFailed, ValidationReport, validate_dataset
 
@@ -29,12 +29,8 @@ def prepare_stage(cfg: Config) -> PrepareResult:
     d = cfg.data
     if d.source == "s3":
         from flows.s3 import s3_records
-        records = s3_records(d.path, workers=d.s3_workers)
-    else:
-        records = source_records(d)
-    return prepare(records, d.prepared_dir, resolution=d.resolution, channels=d.channels,
-                   heldout_fraction=d.heldout_fraction, bad_files=d.bad_files,
-                   source=f"{d.source}:{d.path}" if d.path else d.source)
+        return prepare_from_config(d, s3_records(d.path, workers=d.s3_workers))
+    return prepare_from_config(d)
 
 
 def validate_stage(cfg: Config) -> ValidationReport:

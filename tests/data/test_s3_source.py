@@ -42,7 +42,8 @@ def test_s3_prefix_matches_the_same_folder(tmp_path, bucket, capsys):
                      resolution=8, channels=3, heldout_fraction=0.3)
     via_folder = prepare(folder_records(root), tmp_path / "folder", resolution=8, channels=3,
                          heldout_fraction=0.3)
-    assert via_s3.classes == ["cat", "dog"]
+    assert via_s3.classes == via_folder.classes == ["cat", "dog"]
+    assert via_s3.counts == via_folder.counts
     for name in ("train-00000.npy", "heldout-00000.npy"):        # same pixels, same split
         assert np.array_equal(np.load(tmp_path / "s3" / name), np.load(tmp_path / "folder" / name))
 
