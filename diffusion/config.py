@@ -104,6 +104,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    num_workers: int = _bound(2, ge=1)           # DDP ranks; global batch = batch_size x grad_accum x this
+    use_gpu: bool = False                        # NCCL on GPUs, else gloo on CPUs
+    cpus_per_worker: float = _bound(1.0, gt=0.0)
+    gpus_per_worker: float = _bound(1.0, ge=0.0)  # used when use_gpu
+    max_failures: int = _bound(2, ge=-1)         # worker restarts from the last checkpoint (-1: no limit)
+    storage_path: str = "runs/ray"               # local directory or s3://bucket/prefix
+    run_name: str = "default"                    # re-running the same name resumes
+
+
+@dataclass(frozen=True)
 class ExtractorConfig:
     kind: ExtractorKind = "domain"               # domain (offline classifier) | inception (TorchScript)
     path: str = "models/extractor.pt"            # domain: written by the extractor stage; inception: yours
@@ -138,6 +149,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
     extractor: ExtractorConfig = ExtractorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 

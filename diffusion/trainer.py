@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from diffusion.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
-from diffusion.config import Config, ConfigError, EvaluateConfig, ExtractorConfig
+from diffusion.config import Config, ConfigError, EvaluateConfig, ExtractorConfig, RayConfig
 from diffusion.data import ImageSet, to_model_range
 from diffusion.ema import EMA
 from diffusion.losses import DiffusionLoss, UniformTimestepSampler
@@ -33,7 +33,8 @@ from diffusion.unet import UNet
 # Keys that may change between a run and its resumption without invalidating the checkpoint.
 RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.log_every", "train.out_dir",
                   "train.device", "train.compile") + tuple(
-    f"{section}.{f.name}" for section, cls in (("evaluate", EvaluateConfig), ("extractor", ExtractorConfig))
+    f"{section}.{f.name}" for section, cls in (("evaluate", EvaluateConfig), ("extractor", ExtractorConfig),
+                                              ("ray", RayConfig))
     for f in dataclasses.fields(cls))
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -257,6 +258,7 @@ class TrainResult:
 
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[int, Path], None]
 
 
 class _Monitor:
@@ -286,6 +288,10 @@ class _Monitor:
                                      f"stopped and {kept}")
 
     def report(self, step: int, out: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
+        """Metrics since the last report; under DDP the loss is the mean over all ranks."""
+        if self.ctx.world_size > 1:
+            dist.all_reduce(self.loss_sum, op=dist.ReduceOp.SUM)
+            self.loss_sum /= self.ctx.world_size
         now = time.perf_counter()
         metrics = {"loss": float(self.loss_sum) / max(self.count, 1),
                    "grad_norm": float(out["grad_norm"]), "lr": lr,
@@ -296,9 +302,11 @@ class _Monitor:
 
 
 def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = True,
-          on_metrics: MetricsCallback | None = None) -> TrainResult:
+          on_metrics: MetricsCallback | None = None,
+          on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
     """Train to ``cfg.train.steps`` optimizer steps, resuming from ``out_dir/checkpoint.pt``
     (with ``resume=False`` an existing checkpoint is an error, never overwritten).
+    ``on_checkpoint(step, path)`` runs on every rank after each checkpoint (rank 0 wrote it).
 
     Works single-process and inside an initialized process group (DDP); only rank 0 writes.
     """
@@ -359,6 +367,8 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
             if ctx.is_main:
                 save_training_checkpoint(state, cfg, ckpt_path)
             last_good = state.step
+            if on_checkpoint is not None:
+                on_checkpoint(state.step, ckpt_path)
     bar.close()
     if ctx.is_main and not ckpt_path.exists():  # nothing to do, but leave a loadable checkpoint
         save_training_checkpoint(state, cfg, ckpt_path)

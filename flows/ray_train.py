@@ -1,0 +1,126 @@
+"""Ray Train adapter around the library trainer: it only builds the distributed context, points
+each rank at the data and reports checkpoints; the training step is ``diffusion.trainer``'s.
+
+Cluster by configuration: with ``RAY_ADDRESS`` set, the existing cluster; otherwise a local one
+sized to this machine (dashboard off). gloo on CPUs, NCCL on GPUs. Global batch =
+train.batch_size x train.grad_accum x ray.num_workers. Checkpoints go through
+``ray.train.report`` into ``ray.storage_path/ray.run_name``; a restarted worker group resumes from
+``ray.train.get_checkpoint()``, and re-running the same run name continues the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from diffusion.checkpoint import load_checkpoint
+from diffusion.config import Config, config_from_dict
+from diffusion.data import load_dataset
+from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, train
+
+
+def _absolute(cfg: Config) -> Config:
+    """Ray workers chdir into their run directory: make every path absolute first."""
+    data = dataclasses.replace(cfg.data, prepared_dir=str(Path(cfg.data.prepared_dir).absolute()))
+    return dataclasses.replace(cfg, data=data)
+
+
+def _param_checksum(model: torch.nn.Module) -> torch.Tensor:
+    return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = config_from_dict(config["cfg"], "ray worker config")
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    workdir = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{rank}-"))
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is not None:
+        with resume_from.as_directory() as d:
+            for name in (CHECKPOINT_NAME, METRICS_NAME):
+                if (Path(d) / name).exists():
+                    shutil.copy(Path(d) / name, workdir / name)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(workdir)))
+    last_metrics: dict = {}
+    resumed_from = int(load_checkpoint(workdir / CHECKPOINT_NAME)["step"]) \
+        if (workdir / CHECKPOINT_NAME).exists() else 0
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        last_metrics.update(metrics, step=step)
+
+    def on_checkpoint(step: int, path: Path) -> None:
+        metrics = {**last_metrics, "step": step, "resumed_from": resumed_from,
+                   "world_size": ctx.get_world_size()}
+        if rank == 0:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path.parent)))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
+                   on_checkpoint=on_checkpoint)
+    # every rank must hold the same weights: compare a checksum across the group
+    total = _param_checksum(result.state.model)
+    lo, hi = total.clone(), total.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if bool(lo != hi):
+        raise RuntimeError(f"ranks disagree on the weights after training (checksums {lo} .. {hi})")
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to RAY_ADDRESS when set, else start a local cluster sized to this machine."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+@dataclass(frozen=True)
+class RayTrainResult:
+    checkpoint: Path          # copied to train.out_dir/checkpoint.pt for the evaluate stage
+    step: int
+    metrics: dict
+    ray_checkpoint: str       # where Ray keeps it (local path or s3:// URI)
+
+
+def ray_train(cfg: Config) -> RayTrainResult:
+    """Run DDP training on Ray and copy the final checkpoint to ``train.out_dir``."""
+    init_ray()
+    r = cfg.ray
+    storage = r.storage_path if "://" in r.storage_path else str(Path(r.storage_path).absolute())
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": _absolute(cfg).to_dict()},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        run_config=RunConfig(name=r.run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=r.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray run {r.run_name!r} reported no checkpoint")
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            if (Path(d) / name).exists():
+                shutil.copy(Path(d) / name, out / name)
+    step = int(load_checkpoint(out / CHECKPOINT_NAME)["step"])
+    return RayTrainResult(out / CHECKPOINT_NAME, step, dict(result.metrics or {}),
+                          result.checkpoint.path)
