@@ -42,6 +42,8 @@ def _param_checksum(model: torch.nn.Module) -> torch.Tensor:
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = config_from_dict(config["cfg"], "ray worker config")
+    if not cfg.ray.use_gpu:                      # one intra-op thread per CPU Ray granted us
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     workdir = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{rank}-"))

@@ -1,0 +1,67 @@
+"""Overhead of the Ray path versus the bare library loop, same config, same machine:
+fixed start-up seconds and per-step slowdown (1 Ray worker vs 1 process, and 2 workers).
+
+    python bench/bench_ray.py [--steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusion.config import load_config  # noqa: E402
+from diffusion.data import load_dataset  # noqa: E402
+from diffusion.prepare import packaged_records, prepare  # noqa: E402
+from diffusion.trainer import train  # noqa: E402
+
+
+def step_rate(metrics_path: Path, skip_first: int = 1) -> float:
+    """Median img/s over the logged intervals (the first interval holds warm-up)."""
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines()][skip_first:]
+    rates = sorted(r["img_per_s"] for r in rows)
+    return rates[len(rates) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=150)
+    args = p.parse_args()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    tmp = Path(tempfile.mkdtemp())
+    prepare(packaged_records("mnist"), tmp / "data", resolution=28, channels=1, heldout_fraction=0.1)
+    base = [f"data.prepared_dir={tmp / 'data'}", "model.preset=tiny", "model.attention_resolutions=[]",
+            "model.channel_mult=[1,2]", "data.resolution=28", f"train.steps={args.steps}",
+            "train.batch_size=64", "train.log_every=10", "train.checkpoint_every=50"]
+    cfg = load_config(None, base + [f"train.out_dir={tmp / 'bare'}"])
+    t = time.perf_counter()
+    train(cfg, load_dataset(cfg.data), progress=False)
+    bare_total = time.perf_counter() - t
+    bare_rate = step_rate(tmp / "bare" / "metrics.jsonl")
+    from flows.ray_train import ray_train
+    rows = [("bare library loop", 1, bare_total, bare_rate)]
+    for workers in (1, 2):                       # both use the machine's 2 CPUs
+        cfg = load_config(None, base + [f"train.out_dir={tmp / f'ray{workers}'}", f"ray.num_workers={workers}",
+                                        f"ray.cpus_per_worker={2 // workers}",
+                                        f"ray.storage_path={tmp / 'ray'}", f"ray.run_name=w{workers}"])
+        t = time.perf_counter()
+        ray_train(cfg)
+        rows.append((f"Ray Train, {workers} worker(s)", workers, time.perf_counter() - t,
+                     step_rate(tmp / f"ray{workers}" / "metrics.jsonl")))
+    print(f"{args.steps} steps of batch 64 (per worker), tiny U-Net at 28x28, {os.cpu_count()} cores")
+    print("| path | workers | wall s | median img/s (all workers) | fixed overhead s | per-step slowdown |")
+    print("|---|---|---|---|---|---|")
+    for name, w, total, rate in rows:
+        train_s = args.steps * 64 * w / rate      # rate counts the images of every worker
+        print(f"| {name} | {w} | {total:.1f} | {rate:.0f} | {total - train_s:.1f} | "
+              f"{(bare_rate / rate - 1) * 100:+.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
