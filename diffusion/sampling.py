@@ -82,7 +82,8 @@ def ddim_step(rs: RespacedSchedule, i: int, xt: torch.Tensor, x0: torch.Tensor, 
     return out
 
 
-def _predict(model: nn.Module, rs: RespacedSchedule, i: int, x: torch.Tensor, target: str,
+def _predict(model: nn.Module, schedule: NoiseSchedule, rs: RespacedSchedule, i: int,
+             x: torch.Tensor, target: str,
              labels: torch.Tensor | None, null_labels: torch.Tensor | None, guidance_scale: float,
              clip_denoised: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) at respaced step i, with classifier-free guidance when it applies."""
@@ -93,17 +94,10 @@ def _predict(model: nn.Module, rs: RespacedSchedule, i: int, x: torch.Tensor, ta
         output = uncond + guidance_scale * (cond - uncond)      # Ho & Salimans 2022, eq. 6
     else:
         output = (model(x, t, labels) if labels is not None else model(x, t)).float()
-    a = _coef(rs.alpha_bar, i, x).sqrt()
-    s = (1 - _coef(rs.alpha_bar, i, x)).sqrt()
-    if target == "eps":
-        eps, x0 = output, (x - s * output) / a
-    elif target == "v":
-        x0, eps = a * x - s * output, s * x + a * output
-    else:
-        raise ValueError(f"unknown target {target!r}; expected 'eps' or 'v'")
+    x0, eps = schedule.predict_x0_eps(x, t, output, target)
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
-        eps = (x - a * x0) / s
+        eps = schedule.eps_from_x0(x, t, x0)
     return x0, eps
 
 
@@ -142,7 +136,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
         null = (torch.full_like(y, model.null_class) if y is not None and hasattr(model, "null_class")
                 else None)
         for i in reversed(range(steps)):
-            x0, eps = _predict(model, rs, i, x, target, y, null, guidance_scale, clip_denoised)
+            x0, eps = _predict(model, schedule, rs, i, x, target, y, null, guidance_scale, clip_denoised)
             if sampler == "ddpm":
                 x = ddpm_step(rs, i, x, x0, _noise(batch_gens, shape, device) if i > 0 else x)
             else:
