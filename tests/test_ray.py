@@ -90,6 +90,13 @@ def _worker_pids():
     return pids
 
 
+def _registered_checkpoint(snapshot):
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):
+        return False
+
+
 def test_sigkilled_worker_resumes_from_last_checkpoint(tmp_path):
     import signal
     import threading
@@ -99,17 +106,18 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(tmp_path):
                                     "train.log_every=25", "ray.num_workers=2", "ray.max_failures=2",
                                     f"ray.storage_path={tmp_path / 'ray'}", "ray.run_name=ft",
                                     f"train.out_dir={tmp_path / 'out'}"])
+    stale = set(_worker_pids())                           # workers of earlier tests still exiting
     box = {}
     thread = threading.Thread(target=lambda: box.update(result=ray_train(cfg)), daemon=True)
     thread.start()
-    run_dir = tmp_path / "ray" / "ft"
+    snapshot = tmp_path / "ray" / "ft" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
-    # a checkpoint directory appears while Ray is still copying it; once a second one appears,
-    # the first is registered and a restart must resume from it
-    while time.time() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 2:
+    # a checkpoint directory can exist before the controller has registered it; wait until Ray's
+    # own checkpoint-manager snapshot (what a restart reads) names a latest checkpoint
+    while time.time() < deadline and not _registered_checkpoint(snapshot):
         time.sleep(0.2)
-    assert len(list(run_dir.glob("checkpoint_*"))) >= 2, "no checkpoint was reported in time"
-    pids = _worker_pids()
+    assert _registered_checkpoint(snapshot), "no checkpoint was registered in time"
+    pids = [p for p in _worker_pids() if p not in stale]
     assert pids, "no RayTrainWorker process found"
     os.kill(pids[-1], signal.SIGKILL)                     # like a spot pre-emption or the OOM killer
     thread.join(timeout=400)
