@@ -105,6 +105,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
+    enabled: bool = True                         # false: the library loop in this process (no Ray)
     num_workers: int = _bound(2, ge=1)           # DDP ranks; global batch = batch_size x grad_accum x this
     use_gpu: bool = False                        # NCCL on GPUs, else gloo on CPUs
     cpus_per_worker: float = _bound(1.0, gt=0.0)
@@ -144,6 +145,20 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking and registry (used by flows/, never imported by the library)."""
+    tracking_uri: str = ""                       # "" : $MLFLOW_TRACKING_URI, else SQLite under local_dir
+    local_dir: str = "mlflow"                    # embedded store: mlflow.db + artifacts/
+    experiment: str = "ddpm"
+    model_name: str = "ddpm"                     # registered model
+    champion_margin: float = _bound(0.0, ge=0.0)  # FID points a challenger must win by, beyond the spread
+    flush_every: int = _bound(50, ge=1)          # buffered metric values per MLflow batch call
+    grid_images: int = _bound(16, ge=0)          # sample grid logged at each checkpoint (0: none)
+    grid_steps: int = _bound(20, ge=1)           # DDIM steps for those grids
+    system_metrics_every: float = _bound(10.0, ge=0.0)  # seconds between CPU/memory/GPU samples (0: off)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -152,6 +167,7 @@ class Config:
     ray: RayConfig = RayConfig()
     extractor: ExtractorConfig = ExtractorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

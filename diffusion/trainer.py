@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from diffusion.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
-from diffusion.config import Config, ConfigError, EvaluateConfig, ExtractorConfig, RayConfig
+from diffusion.config import Config, ConfigError, EvaluateConfig, ExtractorConfig, RayConfig, TrackingConfig
 from diffusion.data import ImageSet, to_model_range
 from diffusion.ema import EMA
 from diffusion.losses import DiffusionLoss, UniformTimestepSampler
@@ -34,7 +34,7 @@ from diffusion.unet import UNet
 RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.log_every", "train.out_dir",
                   "train.device", "train.compile") + tuple(
     f"{section}.{f.name}" for section, cls in (("evaluate", EvaluateConfig), ("extractor", ExtractorConfig),
-                                              ("ray", RayConfig))
+                                              ("ray", RayConfig), ("tracking", TrackingConfig))
     for f in dataclasses.fields(cls))
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"

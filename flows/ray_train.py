@@ -4,8 +4,9 @@ each rank at the data and reports checkpoints; the training step is ``diffusion.
 Cluster by configuration: with ``RAY_ADDRESS`` set, the existing cluster; otherwise a local one
 sized to this machine (dashboard off). gloo on CPUs, NCCL on GPUs. Global batch =
 train.batch_size x train.grad_accum x ray.num_workers. Checkpoints go through
-``ray.train.report`` into ``ray.storage_path/ray.run_name``; a restarted worker group resumes from
-``ray.train.get_checkpoint()``, and re-running the same run name continues the run.
+``ray.train.report`` into ``ray.storage_path/<ray.run_name>-<config hash>``; a restarted worker
+group resumes from ``ray.train.get_checkpoint()``, and re-running the same configuration under the
+same run name continues the run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from diffusion.checkpoint import load_checkpoint
 from diffusion.config import Config, config_from_dict
 from diffusion.data import load_dataset
-from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, train
+from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, train
 
 
 def _absolute(cfg: Config) -> Config:
@@ -58,10 +59,19 @@ def train_loop_per_worker(config: dict) -> None:
     resumed_from = int(load_checkpoint(workdir / CHECKPOINT_NAME)["step"]) \
         if (workdir / CHECKPOINT_NAME).exists() else 0
 
+    tracker = None
+    if rank == 0 and config.get("mlflow"):          # only rank 0 talks to MLflow
+        from flows.tracking import TrainingTracker
+        tracker = TrainingTracker(cfg, config["mlflow"]["uri"], config["mlflow"]["run_id"])
+
     def on_metrics(step: int, metrics: dict) -> None:
         last_metrics.update(metrics, step=step)
+        if tracker is not None:
+            tracker.on_metrics(step, metrics)
 
     def on_checkpoint(step: int, path: Path) -> None:
+        if tracker is not None:
+            tracker.on_checkpoint(step, path)
         metrics = {**last_metrics, "step": step, "resumed_from": resumed_from,
                    "world_size": ctx.get_world_size()}
         if rank == 0:
@@ -69,8 +79,12 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
 
-    result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
-                   on_checkpoint=on_checkpoint)
+    try:
+        result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
+                       on_checkpoint=on_checkpoint)
+    finally:
+        if tracker is not None:
+            tracker.close()
     # every rank must hold the same weights: compare a checksum across the group
     total = _param_checksum(result.state.model)
     lo, hi = total.clone(), total.clone()
@@ -91,32 +105,42 @@ def init_ray(address: str | None = None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
+def ray_run_name(cfg: Config) -> str:
+    """``ray.run_name`` plus the hash of everything a resume must keep equal: re-running the same
+    configuration continues its run; a changed one (``dvc exp run -S train.lr=...``) starts anew."""
+    return f"{cfg.ray.run_name}-{cfg.hash(exclude=RESUMABLE_KEYS)[:8]}"
+
+
 @dataclass(frozen=True)
 class RayTrainResult:
     checkpoint: Path          # copied to train.out_dir/checkpoint.pt for the evaluate stage
+    run_name: str             # ray.run_name + the config's hash: same config resumes, new one starts
     step: int
     metrics: dict
     ray_checkpoint: str       # where Ray keeps it (local path or s3:// URI)
 
 
-def ray_train(cfg: Config) -> RayTrainResult:
-    """Run DDP training on Ray and copy the final checkpoint to ``train.out_dir``."""
+def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> RayTrainResult:
+    """Run DDP training on Ray and copy the final checkpoint to ``train.out_dir``. With
+    ``mlflow_run = (tracking URI, run id)``, rank 0 logs metrics and sample grids to that run."""
     init_ray()
     r = cfg.ray
+    run_name = ray_run_name(cfg)
     storage = r.storage_path if "://" in r.storage_path else str(Path(r.storage_path).absolute())
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": _absolute(cfg).to_dict()},
+        train_loop_config={"cfg": _absolute(cfg).to_dict(),
+                           "mlflow": {"uri": mlflow_run[0], "run_id": mlflow_run[1]} if mlflow_run else None},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
-        run_config=RunConfig(name=r.run_name, storage_path=storage,
+        run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=r.max_failures)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"Ray run {r.run_name!r} reported no checkpoint")
+        raise RuntimeError(f"Ray run {run_name!r} reported no checkpoint")
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
@@ -124,5 +148,5 @@ def ray_train(cfg: Config) -> RayTrainResult:
             if (Path(d) / name).exists():
                 shutil.copy(Path(d) / name, out / name)
     step = int(load_checkpoint(out / CHECKPOINT_NAME)["step"])
-    return RayTrainResult(out / CHECKPOINT_NAME, step, dict(result.metrics or {}),
+    return RayTrainResult(out / CHECKPOINT_NAME, run_name, step, dict(result.metrics or {}),
                           result.checkpoint.path)

@@ -1,5 +1,5 @@
 """DVC stage entry points: ``python -m flows.stages <stage> [section.key=value ...]`` with
-stage one of prepare, validate, extractor, train, evaluate.
+stage one of prepare, validate, extractor, train, evaluate, register.
 
 Each reads its own section of ``params.yaml``, calls one library function and prints a JSON
 summary. The Prefect flow calls the same functions.
@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
+
+from mlflow.exceptions import MlflowException
 
 from diffusion.checkpoint import CheckpointError
 from diffusion.config import Config, ConfigError, load_config
@@ -19,10 +23,15 @@ from diffusion.evaluate import evaluate
 from diffusion.features import (FeatureExtractor, load_domain_extractor, load_inception,
                                 save_classifier, train_classifier)
 from diffusion.prepare import DataError, PrepareResult, dataset_version, prepare_from_config
-from diffusion.trainer import NonFiniteLossError, TrainResult, train
+from diffusion.trainer import NonFiniteLossError, train
 from diffusion.validate import ValidationFailed, ValidationReport, validate_dataset
 
-STAGES = ("prepare", "validate", "extractor", "train", "evaluate")
+STAGES = ("prepare", "validate", "extractor", "train", "evaluate", "register")
+RUN_INFO = "run.json"        # train stage -> register stage: the MLflow run and Ray run of a model
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: a missing or inconsistent input, named in the message."""
 
 
 def prepare_stage(cfg: Config) -> PrepareResult:
@@ -60,14 +69,107 @@ def load_extractor(cfg: Config) -> FeatureExtractor:
     return load_domain_extractor(x.path) if x.kind == "domain" else load_inception(x.path)
 
 
-def train_stage(cfg: Config, progress: bool = True) -> TrainResult:
-    return train(cfg, load_dataset(cfg.data), progress=progress)
+def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None = None) -> dict:
+    """Train (Ray Train DDP, or in-process with ``ray.enabled = false``) inside an MLflow run;
+    writes ``train.out_dir/run.json`` for the register stage and returns the same summary."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from flows.tracking import TrainingTracker, client_for, start_training_run
+    started = time.perf_counter()
+    from flows.ray_train import ray_run_name
+    run_name = ray_run_name(cfg) if cfg.ray.enabled else Path(cfg.train.out_dir).name
+    uri, run_id = start_training_run(cfg, run_name=run_name, tags={
+        "ray_run_name": run_name if cfg.ray.enabled else "none",
+        "dataset_version": dataset_version(cfg.data.prepared_dir), **(tags or {})})
+    client = client_for(uri)
+    monitor = None
+    if cfg.tracking.system_metrics_every > 0:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_every,
+                                       tracking_uri=uri)
+        monitor.start()
+    try:
+        if cfg.ray.enabled:
+            from flows.ray_train import ray_train
+            r = ray_train(cfg, (uri, run_id))
+            step, checkpoint = r.step, r.checkpoint
+            extra = {k: r.metrics.get(k) for k in ("resumed_from", "world_size")}
+        else:
+            tracker = TrainingTracker(cfg, uri, run_id)
+            try:
+                t = train(cfg, load_dataset(cfg.data), progress=progress,
+                          on_metrics=tracker.on_metrics, on_checkpoint=tracker.on_checkpoint)
+            finally:
+                tracker.close()
+            step, checkpoint = t.step, t.checkpoint
+            extra = {"resumed_from": t.resumed_from, "world_size": 1}
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+    seconds = time.perf_counter() - started
+    client.log_metric(run_id, "train_seconds", seconds, step=step)
+    client.set_terminated(run_id, "FINISHED")
+    info = {"step": step, "checkpoint": str(checkpoint), "mlflow_run_id": run_id,
+            "tracking_uri": uri, "ray_run_name": run_name if cfg.ray.enabled else "none",
+            "seconds": round(seconds, 2), **extra}
+    (Path(cfg.train.out_dir) / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def evaluate_stage(cfg: Config, progress: bool = True) -> dict:
     from pathlib import Path
     return evaluate(Path(cfg.train.out_dir) / "checkpoint.pt", cfg, load_extractor(cfg),
                     progress=progress)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found; run the {what} stage first") from None
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}: not valid JSON ({exc})") from None
+
+
+def registry_path(cfg: Config) -> Path:
+    return Path(cfg.evaluate.metrics_path).with_name("registry.json")
+
+
+def register_stage(cfg: Config, flow_run_id: str | None = None) -> dict:
+    """Log the evaluation and the pyfunc generator on the training run, register a new model
+    version with its lineage and run the champion gate; writes ``registry.json`` beside the
+    evaluation metrics."""
+    from flows.registry import log_generator, register
+    from flows.tracking import git_commit, log_evaluation
+    out = Path(cfg.train.out_dir)
+    info = _read_json(out / RUN_INFO, "train")
+    metrics = _read_json(Path(cfg.evaluate.metrics_path), "evaluate")
+    for key in ("fid", "fid_std", "checkpoint_step", "dataset_version", "extractor_sha256"):
+        if key not in metrics:
+            raise StageError(f"{cfg.evaluate.metrics_path}: key {key!r} missing; re-run the evaluate stage")
+    if int(metrics["checkpoint_step"]) != int(info["step"]):
+        raise StageError(f"{cfg.evaluate.metrics_path}: evaluates step {metrics['checkpoint_step']} but "
+                         f"{out / RUN_INFO} trained to step {info['step']}; re-run the evaluate stage")
+    uri, run_id = info["tracking_uri"], info["mlflow_run_id"]
+    log_evaluation(uri, run_id, metrics, cfg.evaluate.grid_path, cfg.evaluate.metrics_path)
+    model_uri = log_generator(uri, run_id, out / "checkpoint.pt")
+    lineage = {
+        "dataset_version": metrics["dataset_version"], "git_commit": git_commit(),
+        "params_hash": cfg.hash(), "extractor_sha256": metrics["extractor_sha256"],
+        "prefect_flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID", "none"),
+        "ray_run_name": info.get("ray_run_name", "none"), "mlflow_run_id": run_id,
+        "checkpoint_step": str(info["step"]),
+    }
+    reg = register(uri, cfg, model_uri=model_uri, run_id=run_id, fid=float(metrics["fid"]),
+                   fid_std=float(metrics["fid_std"]), lineage=lineage)
+    result = {**reg.to_dict(), "fid": metrics["fid"], "fid_std": metrics["fid_std"],
+              "tracking_uri": uri}
+    path = registry_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,12 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "extractor":
             print(json.dumps(extractor_stage(cfg), indent=2))
         elif args.stage == "train":
-            r = train_stage(cfg)
-            print(json.dumps({"step": r.step, "checkpoint": str(r.checkpoint),
-                              "final": r.history[-1] if r.history else None}, indent=2))
-        else:
+            print(json.dumps(train_stage(cfg), indent=2))
+        elif args.stage == "evaluate":
             print(json.dumps(evaluate_stage(cfg), indent=2))
-    except (ConfigError, DataError, ValidationFailed, CheckpointError, NonFiniteLossError) as exc:
+        else:
+            print(json.dumps(register_stage(cfg), indent=2))
+    except (ConfigError, DataError, ValidationFailed, CheckpointError, NonFiniteLossError,
+            StageError, MlflowException) as exc:
         print(f"error: {args.stage} stage: {exc}", file=sys.stderr)
         return 2
     return 0

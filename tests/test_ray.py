@@ -13,7 +13,7 @@ from diffusion.trainer import train
 from tests.helpers import digits_dir
 
 ray = pytest.importorskip("ray")
-from flows.ray_train import ray_train  # noqa: E402
+from flows.ray_train import ray_run_name, ray_train  # noqa: E402
 
 BASE = ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
         "model.preset=tiny", "train.checkpoint_every=2", "train.log_every=2", "train.warmup_steps=2"]
@@ -110,7 +110,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(tmp_path):
     box = {}
     thread = threading.Thread(target=lambda: box.update(result=ray_train(cfg)), daemon=True)
     thread.start()
-    snapshot = tmp_path / "ray" / "ft" / "checkpoint_manager_snapshot.json"
+    snapshot = tmp_path / "ray" / ray_run_name(cfg) / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
     # a checkpoint directory can exist before the controller has registered it; wait until Ray's
     # own checkpoint-manager snapshot (what a restart reads) names a latest checkpoint

@@ -18,7 +18,9 @@ def stage_cfg(tmp_path, *extra):
         "evaluate.fid_samples=120", "evaluate.fid_seeds=2", "evaluate.steps=10",
         "evaluate.kid_subset_size=100", f"evaluate.reference_cache={tmp_path / 'refs'}",
         f"evaluate.metrics_path={tmp_path / 'metrics' / 'eval.json'}",
-        f"evaluate.grid_path={tmp_path / 'metrics' / 'samples.png'}", *extra])
+        f"evaluate.grid_path={tmp_path / 'metrics' / 'samples.png'}",
+        "ray.enabled=false", f"tracking.local_dir={tmp_path / 'mlflow'}", "tracking.grid_images=0",
+        *extra])
 
 
 def test_extractor_train_evaluate(tmp_path):
@@ -57,3 +59,22 @@ def test_evaluate_names_what_is_missing(tmp_path, capsys):
     extractor_stage(cfg, progress=False)
     assert main(args + [f"extractor.path={tmp_path / 'extractor.pt'}"]) == 2
     assert "checkpoint.pt: checkpoint file not found" in capsys.readouterr().err
+
+
+def test_register_names_what_is_missing_or_stale(tmp_path, capsys):
+    base = ["register", "--params", "params.yaml", f"train.out_dir={tmp_path / 'run'}",
+            f"evaluate.metrics_path={tmp_path / 'eval.json'}", f"tracking.local_dir={tmp_path / 'ml'}"]
+    assert main(base) == 2
+    assert "run.json: not found; run the train stage first" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps(
+        {"step": 99, "mlflow_run_id": "x", "tracking_uri": f"sqlite:///{tmp_path / 'ml.db'}"}))
+    assert main(base) == 2
+    assert "eval.json: not found; run the evaluate stage first" in capsys.readouterr().err
+    (tmp_path / "eval.json").write_text(json.dumps(
+        {"fid": 1.0, "fid_std": 0.1, "checkpoint_step": 6, "dataset_version": "d.dir",
+         "extractor_sha256": "e"}))
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "evaluates step 6 but" in err and "trained to step 99; re-run the evaluate stage" in err
+    assert not (tmp_path / "registry.json").exists()                 # nothing was registered

@@ -1,6 +1,7 @@
 """DVC for real: dvc repro of prepare + validate, push/pull through the default local remote and
 through an S3 remote on moto's server, and a failing validation that stops the pipeline."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from diffusion.prepare import dataset_version
 
@@ -42,7 +44,8 @@ def project(tmp_path):
     params["data"].update(DATA)
     params["model"].update(SMALL_MODEL)
     params["extractor"].update(epochs=20, min_accuracy=0.8)
-    params["train"].update(steps=10, batch_size=32, checkpoint_every=5)
+    params["train"].update(steps=10, batch_size=32, checkpoint_every=5, log_every=5)
+    params["tracking"].update(grid_images=4, grid_steps=4)
     params["evaluate"].update(fid_samples=100, fid_seeds=2, steps=10, kid_subset_size=100)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -62,10 +65,19 @@ def files_of(directory):
 def test_repro_versions_the_data_and_local_remote_round_trips(project):
     root, env = project
     out = sh("dvc", "repro", cwd=root, env=env)
-    for stage in ("prepare", "validate", "extractor", "train", "evaluate"):
+    for stage in ("prepare", "validate", "extractor", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out.stdout
     metrics = sh("dvc", "metrics", "show", "--json", cwd=root, env=env).stdout
     assert '"fid"' in metrics and '"floor_fid"' in metrics
+    # trained on Ray (2 workers), registered in the embedded MLflow (SQLite in the project)
+    run = json.loads((root / "runs" / "default" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["step"] == 10 and run["ray_run_name"].startswith("default-")
+    registry = json.loads((root / "metrics" / "registry.json").read_text())
+    assert registry["alias"] == "champion" and registry["version"] == "1"
+    assert registry["tracking_uri"] == f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    mv = MlflowClient(registry["tracking_uri"]).get_model_version_by_alias("ddpm-mnist", "champion")
+    assert mv.tags["dataset_version"] == dataset_version(root / "data" / "prepared")
+    assert mv.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=root, env=env).stdout.strip()
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     recorded = lock["stages"]["prepare"]["outs"][0]["md5"]
     assert recorded == dataset_version(root / "data" / "prepared")   # the library's version = DVC's
@@ -86,18 +98,18 @@ def test_push_to_s3_and_pull_into_a_fresh_clone(project, s3_env, tmp_path):
     env = {**env, **s3_env}
     bucket = f"dvc-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    sh("dvc", "repro", cwd=root, env=env)
+    sh("dvc", "repro", "validate", cwd=root, env=env)       # the data stages are what S3 holds here
     sh("dvc", "remote", "add", "s3", f"s3://{bucket}/store", cwd=root, env=env)
     sh("dvc", "remote", "modify", "s3", "endpointurl", s3_env["AWS_ENDPOINT_URL"], cwd=root, env=env)
     sh("git", "add", "-A", cwd=root, env=env)
     sh("git", "commit", "-qm", "data v1", cwd=root, env=env)
-    sh("dvc", "push", "-r", "s3", cwd=root, env=env)
+    sh("dvc", "push", "-r", "s3", "prepare", cwd=root, env=env)
     objects = boto3.client("s3").list_objects_v2(Bucket=bucket)["KeyCount"]
     assert objects >= 5                                       # shards, manifest, stats, rejects, .dir
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", str(root), str(clone), cwd=tmp_path, env=env)
     assert not (clone / "data" / "prepared").exists()
-    sh("dvc", "pull", "-r", "s3", cwd=clone, env=env)
+    sh("dvc", "pull", "-r", "s3", "prepare", cwd=clone, env=env)
     assert files_of(clone / "data" / "prepared") == files_of(root / "data" / "prepared")
     assert (s3_env["AWS_SECRET_ACCESS_KEY"] not in (clone / ".dvc" / "config").read_text())
 

@@ -1,0 +1,194 @@
+"""MLflow tracking for the pipeline: where runs go, what a training run logs, and how.
+
+Backends by configuration only: ``tracking.tracking_uri`` when set, else ``MLFLOW_TRACKING_URI``,
+else the embedded store - SQLite at ``<tracking.local_dir>/mlflow.db`` (absolute path) with
+artifacts under ``<tracking.local_dir>/artifacts``. A server URI (``http://host:5000``) sends
+everything to ``mlflow server``, whose artifact store (for example S3) the server chooses.
+
+Per-step metrics are buffered and sent in ``log_batch`` calls of ``tracking.flush_every`` values,
+so a training step never waits on the tracking server. Metric names are the trainer's own keys
+(loss, lr, grad_norm, img_per_s, ...) and the evaluation's (fid, fid_std, kid, floor_fid, ...),
+the same in every run, so the MLflow compare view lines runs up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")   # offline machines; no phoning home
+
+import mlflow  # noqa: E402
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+
+from diffusion.config import Config  # noqa: E402
+from diffusion.grid import make_grid  # noqa: E402
+from diffusion.sampling import load_generator, sample  # noqa: E402
+
+_MAX_PARAMS_PER_BATCH = 100       # MLflow's log_batch limits
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAM_LENGTH = 6000
+EVAL_METRICS = ("fid", "fid_std", "kid", "kid_std", "floor_fid", "floor_kid", "fid_over_floor")
+
+
+def tracking_uri(cfg: Config) -> str:
+    t = cfg.tracking
+    if t.tracking_uri:
+        return t.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(t.local_dir).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def client_for(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(client: MlflowClient, cfg: Config) -> str:
+    """The configured experiment, created on first use (embedded store: local artifact root)."""
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:"):
+        location = (Path(cfg.tracking.local_dir).absolute() / "artifacts").as_uri()
+    try:
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:      # created concurrently by another process
+        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:_MAX_PARAM_LENGTH]
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """HEAD's commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                              text=True, timeout=30)
+        if head.returncode:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_training_run(cfg: Config, *, run_name: str, tags: dict[str, str] | None = None,
+                       snapshot_files: tuple[str, ...] = ("params.yaml", "dvc.lock")) -> tuple[str, str]:
+    """Create a run with the flattened config as params and a snapshot of ``params.yaml`` and
+    ``dvc.lock`` (when present); returns (tracking URI, run id)."""
+    uri = tracking_uri(cfg)
+    client = client_for(uri)
+    run = client.create_run(experiment_id(client, cfg), run_name=run_name, tags={
+        "git_commit": git_commit(), "params_hash": cfg.hash(), **(tags or {})})
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in sorted(flatten(cfg.to_dict()).items())]
+    for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=params[i:i + _MAX_PARAMS_PER_BATCH])
+    for name in snapshot_files:
+        if Path(name).is_file():
+            client.log_artifact(run_id, name, artifact_path="config")
+    return uri, run_id
+
+
+class MetricBuffer:
+    """Collects (key, value, step) and sends them in batches; non-finite values are dropped
+    (MLflow rejects them) but counted in ``dropped``."""
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 50):
+        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self.pending: list[Metric] = []
+        self.sent = 0
+        self.dropped = 0
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                self.dropped += 1
+                continue
+            self.pending.append(Metric(key, float(value), now, int(step)))
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            chunk, self.pending = (self.pending[:_MAX_METRICS_PER_BATCH],
+                                   self.pending[_MAX_METRICS_PER_BATCH:])
+            self.client.log_batch(self.run_id, metrics=chunk)
+            self.sent += len(chunk)
+
+
+def sample_grid(checkpoint: str | Path, num_images: int, steps: int, seed: int = 0):
+    """A fixed-seed DDIM grid (H, W, C uint8) from a checkpoint's EMA weights, labels cycling
+    through the classes of a conditional model."""
+    model, schedule, cfg, _ = load_generator(checkpoint, "cpu")
+    classes = cfg.model.num_classes
+    labels = torch.arange(num_images) % classes if classes else None
+    images = sample(model, schedule, num_images, channels=cfg.data.channels,
+                    resolution=cfg.data.resolution, sampler="ddim",
+                    steps=min(steps, cfg.diffusion.timesteps), target=cfg.diffusion.target,
+                    seed=seed, labels=labels, progress=False)
+    return make_grid(images)
+
+
+class TrainingTracker:
+    """The trainer's ``on_metrics`` / ``on_checkpoint`` callbacks, logging to one MLflow run:
+    buffered per-step metrics, and a sample grid per checkpoint (``log_image`` with its step)."""
+
+    def __init__(self, cfg: Config, uri: str, run_id: str):
+        self.cfg, self.run_id = cfg, run_id
+        self.client = client_for(uri)
+        self.buffer = MetricBuffer(self.client, run_id, cfg.tracking.flush_every)
+        self.grid_seconds = 0.0
+
+    def on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        self.buffer.log(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.buffer.flush()
+        t = self.cfg.tracking
+        if t.grid_images:
+            started = time.perf_counter()
+            grid = sample_grid(path, t.grid_images, t.grid_steps)
+            self.client.log_image(self.run_id, grid, key="samples", step=step)
+            self.grid_seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        self.buffer.flush()
+
+
+def log_evaluation(uri: str, run_id: str, metrics: dict[str, Any], grid_path: str | Path | None,
+                   metrics_path: str | Path | None = None) -> None:
+    """Evaluation results on the training run: FID/KID with spread and floor, per-seed FIDs,
+    the fixed-seed grid and the metrics JSON."""
+    client = client_for(uri)
+    step = int(metrics.get("checkpoint_step", 0))
+    buffer = MetricBuffer(client, run_id)
+    buffer.log(step, {k: metrics[k] for k in EVAL_METRICS if k in metrics})
+    for k, value in enumerate(metrics.get("fid_per_seed", [])):
+        buffer.log(step, {f"fid_seed_{k}": value})
+    buffer.flush()
+    for path in (grid_path, metrics_path):
+        if path is not None and Path(path).is_file():
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")

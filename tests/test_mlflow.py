@@ -1,0 +1,272 @@
+"""MLflow for real: an `mlflow server` subprocess on loopback (SQLite backend) whose artifact
+store is an S3 bucket on moto's standalone server. The pipeline's own stages log to it; the
+registry gate, the pyfunc generator in a fresh process and `mlflow models serve` are checked
+against it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from diffusion.config import load_config
+from diffusion.data import to_uint8
+from diffusion.sampling import load_generator, sample
+from flows.registry import CHAMPION, CHALLENGER, decide, register
+from flows.tracking import flatten
+from flows.stages import evaluate_stage, extractor_stage, register_stage, train_stage
+from tests.conftest import free_port
+from tests.helpers import digits_dir
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "mlflow-artifacts"
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(s3_endpoint, tmp_path_factory):
+    """`mlflow server` with S3 artifacts (proxied: clients never see the bucket's credentials)."""
+    aws = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "very-secret-value-123",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    boto3.client("s3", endpoint_url=s3_endpoint, **{
+        "aws_access_key_id": aws["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": aws["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1",
+    }).create_bucket(Bucket=BUCKET)
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, **aws, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{BUCKET}/artifacts"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc)
+        yield {"url": url, "s3": s3_endpoint, "aws": aws}
+    finally:
+        stop(proc)
+
+
+def stage_cfg(tmp_path, uri, *extra):
+    return load_config(None, [
+        "data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
+        "model.preset=tiny", "model.num_classes=10",
+        f"extractor.path={tmp_path / 'extractor.pt'}", "extractor.epochs=20", "extractor.min_accuracy=0.8",
+        "train.steps=12", "train.batch_size=32", "train.log_every=3", "train.checkpoint_every=6",
+        f"train.out_dir={tmp_path / 'run'}", "ray.enabled=false",
+        "evaluate.fid_samples=100", "evaluate.fid_seeds=2", "evaluate.steps=8",
+        "evaluate.kid_subset_size=100", f"evaluate.reference_cache={tmp_path / 'refs'}",
+        f"evaluate.metrics_path={tmp_path / 'metrics' / 'eval.json'}",
+        f"evaluate.grid_path={tmp_path / 'metrics' / 'samples.png'}",
+        f"tracking.tracking_uri={uri}", "tracking.model_name=digits-gen", "tracking.experiment=t",
+        "tracking.grid_images=4", "tracking.grid_steps=4", "tracking.system_metrics_every=0.5", *extra])
+
+
+@pytest.fixture(scope="module")
+def registered(server, tmp_path_factory):
+    """The pipeline's stages end to end: train (logging), evaluate, register -> version 1."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = stage_cfg(tmp, server["url"])
+    extractor_stage(cfg, progress=False)
+    trained = train_stage(cfg, progress=False, tags={"purpose": "test"})
+    metrics = evaluate_stage(cfg, progress=False)
+    reg = register_stage(cfg, flow_run_id="flow-run-1234")
+    return {"cfg": cfg, "trained": trained, "metrics": metrics, "reg": reg, "tmp": tmp}
+
+
+def test_run_logs_params_metrics_images_and_artifacts_to_s3(server, registered):
+    client = MlflowClient(server["url"])
+    run = client.get_run(registered["trained"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    cfg = registered["cfg"]
+    assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["model.preset"] == "tiny"
+    assert run.data.params["train.steps"] == "12" and len(run.data.params) == len(cfg.to_dict() and flatten(cfg.to_dict()))
+    assert run.data.tags["purpose"] == "test" and run.data.tags["params_hash"]
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == [3, 6, 9, 12] and all(math.isfinite(m.value) for m in loss)
+    for key in ("lr", "grad_norm", "img_per_s"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 4
+    assert run.data.metrics["fid"] == pytest.approx(registered["metrics"]["fid"])
+    assert run.data.metrics["fid_std"] == pytest.approx(registered["metrics"]["fid_std"])
+    assert "floor_fid" in run.data.metrics and "kid" in run.data.metrics
+    assert any(k.startswith("system/") for k in run.data.metrics)       # system metrics monitor
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "evaluation", "images"} <= names
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {"config/params.yaml"}
+    # the sample grids over training: one per checkpoint, each with its step
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
+    assert steps == [6, 12]
+    # the artifact bytes live in the S3 bucket behind the server
+    s3 = boto3.client("s3", endpoint_url=server["s3"], region_name="us-east-1",
+                      aws_access_key_id=server["aws"]["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=server["aws"]["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert any(k.endswith("params.yaml") for k in keys) and any(k.endswith("checkpoint.pt") for k in keys)
+
+
+def test_first_version_is_champion_with_lineage(server, registered):
+    client = MlflowClient(server["url"])
+    reg, metrics = registered["reg"], registered["metrics"]
+    assert reg["alias"] == CHAMPION and reg["previous_champion"] is None
+    mv = client.get_model_version_by_alias("digits-gen", CHAMPION)
+    assert mv.version == reg["version"] and mv.run_id == registered["trained"]["mlflow_run_id"]
+    tags = mv.tags
+    assert tags["dataset_version"] == metrics["dataset_version"] and tags["dataset_version"].endswith(".dir")
+    assert tags["extractor_sha256"] == metrics["extractor_sha256"]
+    assert tags["prefect_flow_run_id"] == "flow-run-1234" and tags["ray_run_name"] == "none"
+    assert len(tags["params_hash"]) == 64 and tags["params_hash"] == registered["cfg"].hash()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert tags["git_commit"].startswith(head)
+    assert float(tags["fid"]) == pytest.approx(metrics["fid"])
+    assert tags["gate.status"] == "done" and tags["gate.decision"] == CHAMPION
+    on_disk = json.loads((registered["tmp"] / "metrics" / "registry.json").read_text())
+    assert on_disk["version"] == reg["version"]
+
+
+def test_decide_is_the_stated_rule():
+    # champion 10 ± 0.3, new ± 0.4: spread = 0.5 (3-4-5), margin 1 -> must win by more than 1.5
+    assert decide(8.4, 0.4, 10.0, 0.3, 1.0).promote
+    assert not decide(8.6, 0.4, 10.0, 0.3, 1.0).promote
+    assert "needed 1.5000" in decide(8.6, 0.4, 10.0, 0.3, 1.0).reason
+    assert decide(50.0, 0.0, None, None, 1.0).promote                # no champion yet
+    assert not decide(float("nan"), 0.0, 10.0, 0.0, 0.0).promote
+
+
+def test_gate_moves_champion_only_for_a_clear_win(server, registered):
+    uri, cfg, reg = server["url"], registered["cfg"], registered["reg"]
+    client = MlflowClient(uri)
+    champ = client.get_model_version_by_alias("digits-gen", CHAMPION)
+    champ_fid, champ_std = float(champ.tags["fid"]), float(champ.tags["fid_std"])
+    kw = dict(model_uri=reg["model_uri"], run_id=reg["run_id"], lineage={"dataset_version": "x"})
+    worse = register(uri, cfg, fid=champ_fid + 5, fid_std=0.1, **kw)
+    assert worse.alias == CHALLENGER and worse.previous_champion == reg["version"]
+    assert client.get_model_version_by_alias("digits-gen", CHAMPION).version == reg["version"]
+    assert client.get_model_version_by_alias("digits-gen", CHALLENGER).version == worse.version
+    # better on the mean, but inside the seed spread: not promoted
+    noisy = register(uri, cfg, fid=champ_fid - 0.5, fid_std=2.0, **kw)
+    assert noisy.alias == CHALLENGER and "does not beat" in noisy.reason
+    better = register(uri, cfg, fid=champ_fid - champ_std - 1.0, fid_std=0.1, **kw)
+    assert better.alias == CHAMPION and better.previous_champion == reg["version"]
+    mv = client.get_model_version_by_alias("digits-gen", CHAMPION)
+    assert mv.version == better.version
+    assert mv.tags["gate.previous_champion"] == reg["version"] and "beats" in mv.tags["gate.reason"]
+
+
+def test_crash_before_the_alias_moves_leaves_the_champion(server, registered, monkeypatch):
+    uri, cfg, reg = server["url"], registered["cfg"], registered["reg"]
+    client = MlflowClient(uri)
+    before = client.get_model_version_by_alias("digits-gen", CHAMPION).version
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed")                      # the process dies at the commit point
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", crash)
+    with pytest.raises(KeyboardInterrupt):
+        register(uri, cfg, fid=-1e6, fid_std=0.0, model_uri=reg["model_uri"], run_id=reg["run_id"],
+                 lineage={})
+    monkeypatch.undo()
+    assert client.get_model_version_by_alias("digits-gen", CHAMPION).version == before
+    newest = max(client.search_model_versions("name='digits-gen'"), key=lambda v: int(v.version))
+    assert newest.tags["gate.status"] == "pending" and newest.tags["gate.decision"] == CHAMPION
+
+
+LOAD_AND_PREDICT = """
+import sys, numpy as np, pandas as pd, mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+rows = pd.DataFrame([{"num_images": 3, "class_label": 7}, {"num_images": 2, "class_label": -1}])
+a = model.predict(rows, params={"steps": 6, "seed": 5})
+b = model.predict(rows, params={"steps": 6, "seed": 5})
+c = model.predict(rows, params={"steps": 6, "seed": 6})
+np.save(sys.argv[2], np.stack([a, b, c]))
+"""
+
+
+def test_champion_loads_in_a_fresh_process_and_is_seed_deterministic(server, registered, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "MLFLOW_DISABLE_TELEMETRY": "true"}
+    out = tmp_path / "images.npy"
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, "models:/digits-gen@champion",
+                           str(out)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    a, b, c = np.load(out)
+    assert a.shape == (5, 8, 8, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, b)                                  # same seed, same images
+    assert not np.array_equal(a, c)                              # another seed, other images
+    # image j uses seed + j: seed 6's first image is seed 5's second (same class 7)
+    assert np.array_equal(c[0], a[1])
+    # every registered version points at the one trained checkpoint: the library sampling it
+    # directly must give the same pixels
+    model, schedule, trained, _ = load_generator(registered["tmp"] / "run" / "checkpoint.pt")
+    ref = sample(model, schedule, 3, channels=1, resolution=8, steps=6, seed=5,
+                 labels=torch.full((3,), 7), target=trained.diffusion.target, progress=False)
+    assert np.array_equal(a[:3], to_uint8(ref).permute(0, 2, 3, 1).numpy())
+
+
+def test_models_serve_answers_invocations(server, registered, tmp_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "MLFLOW_DISABLE_TELEMETRY": "true",
+           # the scoring server is started as `uvicorn` from PATH: the activated environment
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve",
+                             "-m", "models:/digits-gen@champion", "--env-manager", "local",
+                             "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
+
+        def invoke(records, params):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"dataframe_records": records,
+                                                          "params": params}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read())
+
+        request = ([{"num_images": 2, "class_label": 1}, {"num_images": 1, "class_label": -1}],
+                   {"steps": 5, "seed": 3})
+        images = np.asarray(invoke(*request)["predictions"])
+        assert images.shape == (3, 8, 8, 1) and images.min() >= 0 and images.max() <= 255
+        assert np.array_equal(images, np.asarray(invoke(*request)["predictions"]))
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            invoke([{"num_images": 2, "class_label": 42}], {})
+        assert bad.value.code in (400, 500)
+        assert "class_label = 42" in bad.value.read().decode()
+        with pytest.raises(urllib.error.HTTPError) as missing:                  # schema enforced
+            invoke([{"num_images": 2}], {})
+        assert missing.value.code == 400 and "class_label" in missing.value.read().decode()
+    finally:
+        stop(proc)
