@@ -15,46 +15,14 @@ import yaml
 from mlflow import MlflowClient
 
 from diffusion.prepare import dataset_version
+from tests.helpers import make_project, sh
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = {"source": "digits", "resolution": 8}
-SMALL_MODEL = {"preset": "tiny"}
-
-
-def sh(*args, cwd, env, check=True):
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and out.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return out
 
 
 @pytest.fixture
 def project(tmp_path):
     """A git repository holding this project's pipeline files, with the digits as its data."""
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    (root / ".dvc").mkdir()
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    shutil.copy(REPO / ".dvc" / ".gitignore", root / ".dvc" / ".gitignore")
-    for pkg in ("diffusion", "flows"):
-        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(DATA)
-    params["model"].update(SMALL_MODEL)
-    params["extractor"].update(epochs=20, min_accuracy=0.8)
-    params["train"].update(steps=10, batch_size=32, checkpoint_every=5, log_every=5)
-    params["tracking"].update(grid_images=4, grid_steps=4)
-    params["evaluate"].update(fid_samples=100, fid_seeds=2, steps=10, kid_subset_size=100)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    sh("git", "init", "-q", cwd=root, env=env)
-    sh("git", "add", "-A", cwd=root, env=env)
-    sh("git", "commit", "-qm", "pipeline", cwd=root, env=env)
-    return root, env
+    return make_project(tmp_path)
 
 
 def files_of(directory):

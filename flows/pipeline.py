@@ -1,0 +1,260 @@
+"""The Prefect flow ``ddpm-pipeline``: version the data (prepare, validate, DVC commit + push) ->
+extractor -> train (Ray) -> evaluate (FID) -> register (MLflow gate).
+
+Every task is a thin wrapper around the function a DVC stage calls (``flows.stages``). Caching:
+the extractor, train, evaluate and register tasks are keyed on the dataset version (DVC's md5 of
+``data/prepared``) and the hash of the config sections that task depends on, so a re-run with
+unchanged inputs skips finished work (the task ends ``Cached``); ``force=True`` redoes it. Only
+the DVC push retries (remote I/O). A failing task fails the flow with the stage named; nothing is
+registered after a failure. Run it:
+
+    python -m flows.pipeline [--params params.yaml] [section.key=value ...] [--force]
+
+(ephemeral Prefect when no ``PREFECT_API_URL`` is set), or as a deployment, see ``flows/serve.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from diffusion.config import Config, config_from_dict, load_config
+from flows import stages
+
+FLOW_NAME = "ddpm-pipeline"
+
+
+def _hash(tree: Any) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sections(cfg: dict, *names: str) -> dict:
+    return {n: cfg[n] for n in names}
+
+
+# What each cached task depends on, besides the dataset version. Paths of outputs are included:
+# the same work written elsewhere is not the same result.
+_TRAIN_KEYS = ("data", "model", "diffusion", "train")
+_EVAL_KEYS = _TRAIN_KEYS + ("evaluate", "extractor")
+_REGISTER_KEYS = _EVAL_KEYS + ("tracking",)
+
+
+def _key(stage: str, names: tuple[str, ...]):
+    """A cache key on (dataset version, config sections the stage depends on, and for the stages
+    after training, the MLflow run that trained the model: a retrained model is re-evaluated)."""
+    def key_fn(context, parameters: dict) -> str:
+        cfg = parameters["cfg"]
+        trained = parameters.get("train_run", "")
+        return (f"{FLOW_NAME}-{stage}-{parameters['dataset_version']}-"
+                f"{_hash([_sections(cfg, *names), trained])}")
+    return key_fn
+
+
+def _refresh(force: bool, *outputs: str | Path) -> dict:
+    """Task options: recompute when forced or when an output a cached result points at is gone
+    (deleted by hand, or a fresh clone that shares the Prefect result store)."""
+    return {"refresh_cache": True} if force or not all(Path(o).exists() for o in outputs) else {}
+
+
+def _cfg(cfg: dict) -> Config:
+    return config_from_dict(cfg, "flow parameters")
+
+
+def _stage_failed(stage: str, exc: BaseException) -> RuntimeError:
+    return RuntimeError(f"{stage} stage failed: {type(exc).__name__}: {exc}")
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(cfg: dict) -> dict:
+    try:
+        r = stages.prepare_stage(_cfg(cfg))
+    except Exception as exc:
+        raise _stage_failed("prepare", exc) from exc
+    return {"dataset_version": r.version, "counts": r.counts, "rejects": r.rejects}
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_task(cfg: dict) -> dict:
+    try:
+        report = stages.validate_stage(_cfg(cfg))
+    except Exception as exc:
+        raise _stage_failed("validate", exc) from exc
+    return {"rows": report.rows, "ok": report.ok}
+
+
+def _dvc(*args: str) -> str:
+    out = subprocess.run(["dvc", *args], capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({out.returncode}): "
+                           f"{(out.stderr or out.stdout).strip()[-2000:]}")
+    return out.stdout
+
+
+@task(name="dvc-commit", cache_policy=NO_CACHE)
+def dvc_commit_task() -> str:
+    """Record the prepared data in dvc.lock and the DVC cache, as ``dvc repro`` would."""
+    if not Path("dvc.yaml").is_file() or not Path(".dvc").is_dir():
+        return "skipped: not a DVC project"
+    _dvc("commit", "--force", "prepare")
+    return "committed"
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+def dvc_push_task() -> str:
+    if not Path(".dvc").is_dir():
+        return "skipped: not a DVC project"
+    _dvc("push", "prepare")
+    return "pushed"
+
+
+@task(name="extractor", cache_key_fn=_key("extractor", ("data", "extractor")),
+      persist_result=True)
+def extractor_task(cfg: dict, dataset_version: str) -> dict:
+    try:
+        return stages.extractor_stage(_cfg(cfg), progress=False)
+    except Exception as exc:
+        raise _stage_failed("extractor", exc) from exc
+
+
+@task(name="train", cache_key_fn=_key("train", _TRAIN_KEYS),
+      persist_result=True)
+def train_task(cfg: dict, dataset_version: str, flow_run_id: str) -> dict:
+    try:
+        return stages.train_stage(_cfg(cfg), progress=False, tags={"prefect_flow_run_id": flow_run_id})
+    except Exception as exc:
+        raise _stage_failed("train", exc) from exc
+
+
+@task(name="evaluate", cache_key_fn=_key("evaluate", _EVAL_KEYS),
+      persist_result=True)
+def evaluate_task(cfg: dict, dataset_version: str, train_run: str) -> dict:
+    try:
+        return stages.evaluate_stage(_cfg(cfg), progress=False)
+    except Exception as exc:
+        raise _stage_failed("evaluate", exc) from exc
+
+
+@task(name="register", cache_key_fn=_key("register", _REGISTER_KEYS), persist_result=True)
+def register_task(cfg: dict, dataset_version: str, train_run: str, flow_run_id: str) -> dict:
+    try:
+        return stages.register_stage(_cfg(cfg), flow_run_id=flow_run_id)
+    except Exception as exc:
+        raise _stage_failed("register", exc) from exc
+
+
+def _ui_links(reg: dict) -> tuple[str, str]:
+    uri = reg.get("tracking_uri", "")
+    if uri.startswith("http"):
+        mlflow_ui = uri
+    else:
+        mlflow_ui = f"`mlflow ui --backend-store-uri {uri}` then http://127.0.0.1:5000"
+    from prefect.settings import PREFECT_API_URL
+    api = PREFECT_API_URL.value() or ""
+    prefect_ui = api.removesuffix("/api") if api else "`prefect server start` then http://127.0.0.1:4200"
+    return mlflow_ui, prefect_ui
+
+
+def _stop_ray(flow, flow_run, state) -> None:
+    """Cancelling the flow stops the Ray job: shutting the driver down ends its workers."""
+    try:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:   # noqa: BLE001 - best effort while the run is being torn down
+        pass
+
+
+@flow(name=FLOW_NAME, on_cancellation=[_stop_ray], on_crashed=[_stop_ray], log_prints=True)
+def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None,
+                  force: bool = False, push: bool = True) -> dict:
+    """Data versioning -> Ray training -> FID evaluation -> MLflow registration with the gate."""
+    from prefect.runtime import flow_run
+    logger = get_run_logger()
+    started = time.perf_counter()
+    cfg = load_config(params_file, overrides or [])
+    c = cfg.to_dict()
+    run_id = str(flow_run.id or "none")
+
+    data = prepare_task(c)
+    version = data["dataset_version"]
+    logger.info("dataset version %s (%s)", version, data["counts"])
+    validate_task(c)
+    dvc_state = dvc_commit_task()
+    if push and dvc_state == "committed":
+        dvc_state = dvc_push_task()
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.train.out_dir)
+    extractor_task.with_options(**_refresh(force, cfg.extractor.path))(c, version)
+    trained = train_task.with_options(**_refresh(force, out_dir / "checkpoint.pt", out_dir / "run.json"))(
+        c, version, run_id)
+    train_seconds = time.perf_counter() - t0
+    metrics = evaluate_task.with_options(**_refresh(force, cfg.evaluate.metrics_path))(
+        c, version, trained["mlflow_run_id"])
+    reg = register_task.with_options(**_refresh(force, stages.registry_path(cfg)))(
+        c, version, trained["mlflow_run_id"], run_id)
+
+    mlflow_ui, prefect_ui = _ui_links(reg)
+    per_seed = metrics.get("fid_per_seed", [])
+    summary = {
+        "dataset_version": version, "dvc": dvc_state, "train_step": trained["step"],
+        "train_seconds": round(train_seconds, 1), "fid": metrics["fid"], "fid_std": metrics["fid_std"],
+        "floor_fid": metrics["floor_fid"], "model": reg["name"], "version": reg["version"],
+        "alias": reg["alias"], "reason": reg["reason"], "mlflow_run_id": reg["run_id"],
+        "tracking_uri": reg["tracking_uri"], "seconds": round(time.perf_counter() - started, 1),
+    }
+    create_markdown_artifact(key=FLOW_NAME, description="ddpm-pipeline run summary", markdown="\n".join([
+        f"# {FLOW_NAME}: {reg['name']} v{reg['version']} -> `{reg['alias']}`",
+        "",
+        f"- dataset version: `{version}` (DVC: {dvc_state})",
+        f"- training: {trained['step']} steps, {train_seconds:.1f} s in this run "
+        f"(Ray run `{trained.get('ray_run_name', 'none')}`)",
+        f"- FID {metrics['fid']:.3f} ± {metrics['fid_std']:.3f} over {len(per_seed)} seeds; "
+        f"real-vs-real floor {metrics['floor_fid']:.3f}",
+        f"- registry decision: **{reg['alias']}** - {reg['reason']}",
+        f"- MLflow run `{reg['run_id']}` at {reg['tracking_uri']}; model `models:/{reg['name']}/{reg['version']}`",
+        f"- MLflow UI: {mlflow_ui}",
+    ]))
+    create_table_artifact(key=f"{FLOW_NAME}-fid", description="FID per evaluation seed", table=[
+        {"seed": k, "fid": f, "floor_fid": metrics["floor_fid"]} for k, f in enumerate(per_seed)])
+    logger.info("FID %.3f ± %.3f -> %s v%s is %s (%s)", metrics["fid"], metrics["fid_std"],
+                reg["name"], reg["version"], reg["alias"], reg["reason"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--force", action="store_true", help="ignore cached task results")
+    parser.add_argument("--no-push", action="store_true", help="do not push data to the DVC remote")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_intermixed_args(argv)
+    state = ddpm_pipeline(args.params, args.overrides, force=args.force, push=not args.no_push,
+                          return_state=True)
+    if not state.is_completed():
+        print(f"error: {FLOW_NAME} ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    s = state.result()
+    mlflow_ui, prefect_ui = _ui_links(s)
+    print(f"\n{FLOW_NAME} finished in {s['seconds']:.0f} s\n"
+          f"  dataset version : {s['dataset_version']}\n"
+          f"  FID             : {s['fid']:.3f} ± {s['fid_std']:.3f} (real-vs-real floor {s['floor_fid']:.3f})\n"
+          f"  registered      : {s['model']} version {s['version']} -> alias '{s['alias']}'\n"
+          f"  decision        : {s['reason']}\n"
+          f"  MLflow UI       : {mlflow_ui}\n"
+          f"  Prefect UI      : {prefect_ui}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Prefect for real: `prefect server start` on loopback, the flow served as a deployment from a
+project checkout (git + DVC with its local remote), runs triggered with `prefect deployment run`
+from the CLI. The first run trains on Ray and registers in MLflow; the second hits the cache; a
+run whose data fails validation ends FAILED with nothing registered."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import free_port
+from tests.helpers import make_project, sh
+
+BIN = Path(sys.executable).parent
+FAST = ["evaluate.fid_samples=100", "evaluate.fid_seeds=2"]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prefect")
+    root, env = make_project(tmp)
+    port = free_port()
+    env = {**env, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "lo"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    logs = (tmp / "server.log").open("w"), (tmp / "serve.log").open("w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], cwd=tmp, env=env, stdout=logs[0],
+                              stderr=subprocess.STDOUT)
+    served = None
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", server, timeout=180)
+        served = subprocess.Popen([sys.executable, "-m", "flows.serve", "--name", "test"], cwd=root,
+                                  env=env, stdout=logs[1], stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:               # the deployment exists once serve registered it
+            out = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "ddpm-pipeline/test"],
+                                 cwd=root, env=env, capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+            assert served.poll() is None, (tmp / "serve.log").read_text()
+            time.sleep(1)
+        yield root, env, tmp
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for f in logs:
+            f.close()
+
+
+def run_deployment(root, env, overrides) -> dict:
+    """`prefect deployment run --watch`, then the flow run and its task runs from the API."""
+    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ddpm-pipeline/test",
+                          "--param", f"overrides={json.dumps(overrides)}", "--watch",
+                          "--watch-timeout", "600"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=700)
+    text = out.stdout + out.stderr
+    flow_run_id = next(line.split("UUID:")[1].strip() for line in text.splitlines() if "UUID:" in line)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    return {"rc": out.returncode, "text": text, "state": run.state,
+            "tasks": {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}, "id": flow_run_id}
+
+
+def test_deployment_runs_train_register_then_cache_hits(deployment):
+    root, env, tmp = deployment
+    first = run_deployment(root, env, FAST)
+    assert first["state"].type.value == "COMPLETED", first["text"] + (tmp / "serve.log").read_text()[-5000:]
+    assert first["tasks"]["train"] == "Completed" and first["tasks"]["dvc-push"] == "Completed"
+    registry = json.loads((root / "metrics" / "registry.json").read_text())
+    mv = MlflowClient(registry["tracking_uri"]).get_model_version_by_alias("ddpm-mnist", "champion")
+    assert mv.tags["prefect_flow_run_id"] == first["id"]
+    assert mv.tags["ray_run_name"].startswith("default-")               # trained through Ray
+    assert mv.tags["dataset_version"].endswith(".dir") and len(mv.tags["params_hash"]) == 64
+    run_info = json.loads((root / "runs" / "default" / "run.json").read_text())
+    assert run_info["world_size"] == 2
+    # the flow recorded the data in dvc.lock and pushed it to the local remote, as dvc repro would
+    lock = (root / "dvc.lock").read_text()
+    assert mv.tags["dataset_version"].removesuffix(".dir") in lock
+    assert any((root / ".dvc-storage").rglob("*"))
+
+    second = run_deployment(root, env, FAST)
+    assert second["state"].type.value == "COMPLETED", second["text"]
+    assert second["tasks"]["train"] == "Cached" and second["tasks"]["evaluate"] == "Cached"
+    assert second["tasks"]["register"] == "Cached"
+    versions = MlflowClient(registry["tracking_uri"]).search_model_versions("name='ddpm-mnist'")
+    assert len(versions) == 1                                           # nothing registered twice
+
+
+def test_failing_validation_fails_the_run_and_registers_nothing(deployment):
+    root, env, tmp = deployment
+    store = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    count = len(store.search_model_versions("name='ddpm-mnist'"))
+    bad = run_deployment(root, env, FAST + ["data.min_pixel_std=10000.0"])
+    assert bad["state"].type.value == "FAILED" and bad["rc"] != 0
+    assert bad["tasks"]["validate"] == "Failed" and "train" not in bad["tasks"]
+    assert "validate stage failed: ValidationFailed" in bad["state"].message
+    assert "pixel_stats" in bad["state"].message
+    assert len(store.search_model_versions("name='ddpm-mnist'")) == count
