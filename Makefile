@@ -24,7 +24,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 pipeline: $(STAMP)
-	$(PY) -m diffusion run --params params.yaml $(ARGS)
+	$(PY) -m flows.pipeline --params params.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
