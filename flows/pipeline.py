@@ -18,15 +18,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+# no usage reporting from offline machines (it also contends for the ephemeral server's SQLite)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from diffusion.config import Config, config_from_dict, load_config
 from flows import stages
@@ -93,7 +98,9 @@ def validate_task(cfg: dict) -> dict:
 
 
 def _dvc(*args: str) -> str:
-    out = subprocess.run(["dvc", *args], capture_output=True, text=True, timeout=1800)
+    # this interpreter's DVC: the flow may run from an environment that is not on PATH
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True,
+                         timeout=1800)
     if out.returncode:
         raise RuntimeError(f"dvc {' '.join(args)} failed ({out.returncode}): "
                            f"{(out.stderr or out.stdout).strip()[-2000:]}")
