@@ -75,25 +75,23 @@ def _cfg(cfg: dict) -> Config:
     return config_from_dict(cfg, "flow parameters")
 
 
-def _stage_failed(stage: str, exc: BaseException) -> RuntimeError:
-    return RuntimeError(f"{stage} stage failed: {type(exc).__name__}: {exc}")
+def _stage(name: str, fn, *args, **kwargs):
+    """Run one stage function; a failure names the stage and its cause."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        raise RuntimeError(f"{name} stage failed: {type(exc).__name__}: {exc}") from exc
 
 
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(cfg: dict) -> dict:
-    try:
-        r = stages.prepare_stage(_cfg(cfg))
-    except Exception as exc:
-        raise _stage_failed("prepare", exc) from exc
+    r = _stage("prepare", stages.prepare_stage, _cfg(cfg))
     return {"dataset_version": r.version, "counts": r.counts, "rejects": r.rejects}
 
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(cfg: dict) -> dict:
-    try:
-        report = stages.validate_stage(_cfg(cfg))
-    except Exception as exc:
-        raise _stage_failed("validate", exc) from exc
+    report = _stage("validate", stages.validate_stage, _cfg(cfg))
     return {"rows": report.rows, "ok": report.ok}
 
 
@@ -127,36 +125,25 @@ def dvc_push_task() -> str:
 @task(name="extractor", cache_key_fn=_key("extractor", ("data", "extractor")),
       persist_result=True)
 def extractor_task(cfg: dict, dataset_version: str) -> dict:
-    try:
-        return stages.extractor_stage(_cfg(cfg), progress=False)
-    except Exception as exc:
-        raise _stage_failed("extractor", exc) from exc
+    return _stage("extractor", stages.extractor_stage, _cfg(cfg), progress=False)
 
 
 @task(name="train", cache_key_fn=_key("train", _TRAIN_KEYS),
       persist_result=True)
 def train_task(cfg: dict, dataset_version: str, flow_run_id: str) -> dict:
-    try:
-        return stages.train_stage(_cfg(cfg), progress=False, tags={"prefect_flow_run_id": flow_run_id})
-    except Exception as exc:
-        raise _stage_failed("train", exc) from exc
+    return _stage("train", stages.train_stage, _cfg(cfg), progress=False,
+                  tags={"prefect_flow_run_id": flow_run_id})
 
 
 @task(name="evaluate", cache_key_fn=_key("evaluate", _EVAL_KEYS),
       persist_result=True)
 def evaluate_task(cfg: dict, dataset_version: str, train_run: str) -> dict:
-    try:
-        return stages.evaluate_stage(_cfg(cfg), progress=False)
-    except Exception as exc:
-        raise _stage_failed("evaluate", exc) from exc
+    return _stage("evaluate", stages.evaluate_stage, _cfg(cfg), progress=False)
 
 
 @task(name="register", cache_key_fn=_key("register", _REGISTER_KEYS), persist_result=True)
 def register_task(cfg: dict, dataset_version: str, train_run: str, flow_run_id: str) -> dict:
-    try:
-        return stages.register_stage(_cfg(cfg), flow_run_id=flow_run_id)
-    except Exception as exc:
-        raise _stage_failed("register", exc) from exc
+    return _stage("register", stages.register_stage, _cfg(cfg), flow_run_id=flow_run_id)
 
 
 def _ui_links(reg: dict) -> tuple[str, str]:

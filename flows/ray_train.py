@@ -68,6 +68,10 @@ def train_loop_per_worker(config: dict) -> None:
         last_metrics.update(metrics, step=step)
         if tracker is not None:
             tracker.on_metrics(step, metrics)
+        if rank == 0:              # progress on the driver's console (Ray forwards worker output)
+            print(f"train step {step}/{cfg.train.steps}: loss {metrics['loss']:.4f}, "
+                  f"{metrics['img_per_s']:.0f} img/s over "
+                  f"{ctx.get_world_size()} workers", flush=True)
 
     def on_checkpoint(step: int, path: Path) -> None:
         if tracker is not None:
@@ -100,9 +104,9 @@ def init_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
 
 
 def ray_run_name(cfg: Config) -> str:

@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,23 +25,10 @@ from flows.registry import CHAMPION, CHALLENGER, decide, register
 from flows.tracking import flatten
 from flows.stages import evaluate_stage, extractor_stage, register_stage, train_stage
 from tests.conftest import free_port
-from tests.helpers import digits_dir
+from tests.helpers import digits_dir, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "mlflow-artifacts"
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -4,34 +4,19 @@ from the CLI. The first run trains on Ray and registers in MLflow; the second hi
 run whose data fails validation ends FAILED with nothing registered."""
 
 import json
-import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import free_port
-from tests.helpers import make_project, sh
+from tests.helpers import make_project, wait_http
 
 BIN = Path(sys.executable).parent
 FAST = ["evaluate.fid_samples=100", "evaluate.fid_seeds=2"]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
 @pytest.fixture(scope="module")

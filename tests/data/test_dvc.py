@@ -2,10 +2,7 @@
 through an S3 remote on moto's server, and a failing validation that stops the pipeline."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
