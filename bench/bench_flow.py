@@ -3,7 +3,9 @@
 The same tiny configuration two ways, each in a fresh working directory and a fresh process:
   direct : the stage functions called one after another (what `dvc repro` runs, minus DVC);
   flow   : `python -m flows.pipeline --force --no-push` (Prefect ephemeral server, tasks,
-           cache bookkeeping, artifacts).
+           cache bookkeeping, artifacts);
+  server : the same flow against an already running `prefect server start` (PREFECT_API_URL),
+           as a deployment's runs are.
 Both train in-process (ray.enabled=false) so the difference is Prefect's; the Ray overhead has its
 own benchmark (bench_ray.py). Steps are varied to separate the fixed part from a per-step part.
 
@@ -51,9 +53,12 @@ def workdir() -> Path:
     return d
 
 
-def run(args: list[str], cwd: Path) -> float:
-    env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect"), "PYTHONPATH": str(REPO)}
+def run(args: list[str], cwd: Path, api: str | None = None) -> float:
+    env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect"), "PYTHONPATH": str(REPO),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    if api:
+        env["PREFECT_API_URL"] = api
     t = time.perf_counter()
     out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -67,6 +72,31 @@ def main() -> None:
     args = ap.parse_args()
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d")}
+    import socket
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home = Path(tempfile.mkdtemp(prefix="bench-prefect-"))
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start",
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              env={**os.environ, "PREFECT_HOME": str(home),
+                                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    try:
+        _bench(args, meta, api)
+    finally:
+        server.terminate()
+
+
+def _bench(args, meta, api) -> None:
     for steps in (50, 400):
         cfg = BASE + [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
         for _ in range(args.repeats):
@@ -75,8 +105,12 @@ def main() -> None:
             train_s = float(out.split("RESULT")[1].split()[1])
             d = workdir()
             flow_wall, _ = run([sys.executable, "-m", "flows.pipeline", "--force", "--no-push", *cfg], d)
+            d = workdir()
+            server_wall, _ = run([sys.executable, "-m", "flows.pipeline", "--force", "--no-push", *cfg], d, api)
             print(json.dumps({"steps": steps, "direct_s": round(direct_wall, 2), "flow_s": round(flow_wall, 2),
                               "overhead_s": round(flow_wall - direct_wall, 2),
+                              "server_flow_s": round(server_wall, 2),
+                              "server_overhead_s": round(server_wall - direct_wall, 2),
                               "direct_train_s": round(train_s, 2), **meta}), flush=True)
 
 
