@@ -106,7 +106,7 @@ def test_access_denied_is_named(tmp_path, monkeypatch):
     import sys
     import time
 
-    from tests.data.conftest import free_port
+    from tests.conftest import free_port
     port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
