@@ -31,7 +31,7 @@ import diffusion
 from diffusion.checkpoint import checkpoint_config, load_checkpoint
 from diffusion.config import Config
 from flows import generator_model
-from flows.tracking import client_for
+from flows.tracking import client_for, using_tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 _REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyyaml", "tqdm", "pillow", "scipy")
@@ -58,10 +58,9 @@ def generator_signature(cfg: Config) -> ModelSignature:
 def log_generator(uri: str, run_id: str, checkpoint: str | Path, steps: int = 10) -> str:
     """Log the checkpoint as the pyfunc generator on ``run_id``; returns the model URI."""
     cfg = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
-    mlflow.set_tracking_uri(uri)
     example = (pd.DataFrame([{"num_images": 2, "class_label": 0 if cfg.model.num_classes else -1}]),
                {"steps": min(steps, cfg.diffusion.timesteps), "seed": 0})
-    with mlflow.start_run(run_id=run_id):
+    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="generator", python_model=generator_model.__file__,
             artifacts={"checkpoint": str(checkpoint)},
@@ -128,8 +127,9 @@ def register(uri: str, cfg: Config, *, model_uri: str, run_id: str, fid: float, 
             "fid_std": repr(float(fid_std)), "gate.status": "pending"}
     # MLflow 3 logged models are "models:/<model id>"; the registry wants the id with them
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
-                                     model_id=model_id)
+    with using_tracking_uri(uri):            # the store resolves models:/ through the global URI
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
+                                         model_id=model_id)
     champion = _current_champion(client, name)
     decision = decide(fid, fid_std,
                       float(champion.tags["fid"]) if champion and "fid" in champion.tags else None,

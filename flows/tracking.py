@@ -13,6 +13,7 @@ the same in every run, so the MLflow compare view lines runs up.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -46,6 +47,18 @@ def tracking_uri(cfg: Config) -> str:
     root = Path(t.local_dir).absolute()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str):
+    """Point MLflow's process-wide tracking URI (fluent API, ``models:/`` resolution; it also sets
+    ``MLFLOW_TRACKING_URI``) at ``uri`` for a block, then put the caller's setting back."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def client_for(uri: str) -> MlflowClient:

@@ -1,11 +1,12 @@
 """The extractor, train and evaluate stages through their entry points, on real digits."""
 
 import json
+import os
 
 import pytest
 
 from diffusion.config import load_config
-from flows.stages import evaluate_stage, extractor_stage, main, train_stage
+from flows.stages import evaluate_stage, extractor_stage, main, register_stage, train_stage
 from tests.helpers import digits_dir
 
 
@@ -23,7 +24,8 @@ def stage_cfg(tmp_path, *extra):
         *extra])
 
 
-def test_extractor_train_evaluate(tmp_path):
+def test_extractor_train_evaluate(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)    # the embedded default store
     cfg = stage_cfg(tmp_path)
     ext = extractor_stage(cfg, progress=False)
     assert ext["heldout_accuracy"] >= 0.8 and len(ext["sha256"]) == 64
@@ -38,6 +40,13 @@ def test_extractor_train_evaluate(tmp_path):
     assert on_disk["fid"] == m["fid"] and (tmp_path / "metrics" / "samples.png").exists()
     again = evaluate_stage(cfg, progress=False)
     assert again["reference_cache_hit"] is True and again["fid"] == pytest.approx(m["fid"])
+    # register into the embedded store (SQLite under tracking.local_dir); MLflow's process-wide
+    # tracking URI is borrowed for the call and given back
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    reg = register_stage(cfg)
+    assert reg["alias"] == "champion" and reg["version"] == "1"
+    assert reg["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
 
 
 def test_extractor_below_min_accuracy_fails_the_stage(tmp_path, capsys):
