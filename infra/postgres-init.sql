@@ -1,0 +1,2 @@
+-- MLflow's database beside Prefect's (POSTGRES_DB) in the same PostgreSQL server.
+CREATE DATABASE mlflow OWNER ddpm;
