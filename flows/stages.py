@@ -76,11 +76,14 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
 
     from flows.tracking import TrainingTracker, client_for, start_training_run
     started = time.perf_counter()
-    from flows.ray_train import ray_run_name
-    run_name = ray_run_name(cfg) if cfg.ray.enabled else Path(cfg.train.out_dir).name
-    uri, run_id = start_training_run(cfg, run_name=run_name, tags={
-        "ray_run_name": run_name if cfg.ray.enabled else "none",
-        "dataset_version": dataset_version(cfg.data.prepared_dir), **(tags or {})})
+    ray_name = "none"
+    if cfg.ray.enabled:                       # ray is imported only when it trains
+        from flows.ray_train import ray_run_name, ray_train
+        ray_name = ray_run_name(cfg)
+    uri, run_id = start_training_run(
+        cfg, run_name=ray_name if cfg.ray.enabled else Path(cfg.train.out_dir).name,
+        tags={"ray_run_name": ray_name, "dataset_version": dataset_version(cfg.data.prepared_dir),
+              **(tags or {})})
     client = client_for(uri)
     monitor = None
     if cfg.tracking.system_metrics_every > 0:
@@ -89,7 +92,6 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
         monitor.start()
     try:
         if cfg.ray.enabled:
-            from flows.ray_train import ray_train
             r = ray_train(cfg, (uri, run_id))
             step, checkpoint = r.step, r.checkpoint
             extra = {k: r.metrics.get(k) for k in ("resumed_from", "world_size")}
@@ -112,7 +114,7 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
     client.log_metric(run_id, "train_seconds", seconds, step=step)
     client.set_terminated(run_id, "FINISHED")
     info = {"step": step, "checkpoint": str(checkpoint), "mlflow_run_id": run_id,
-            "tracking_uri": uri, "ray_run_name": run_name if cfg.ray.enabled else "none",
+            "tracking_uri": uri, "ray_run_name": ray_name,
             "seconds": round(seconds, 2), **extra}
     (Path(cfg.train.out_dir) / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
