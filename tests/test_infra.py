@@ -119,3 +119,97 @@ def test_dockerfile_structure_follows_the_project_pins():
     for path in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, re.M):
         for item in path.split():
             assert (REPO / item.rstrip("/")).exists(), f"COPY {item}: not in the repository"
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+K8S = INFRA / "k8s"
+K8S_VERSION = "1.33.0"       # schemas shipped by the kubernetes-validate package (offline)
+
+
+def k8s_validate(resource: dict) -> None:
+    import kubernetes_validate
+    kubernetes_validate.validate(resource, K8S_VERSION, strict=True)   # unknown fields fail too
+
+
+def test_base_manifests_match_the_kubernetes_schema():
+    docs = list(yaml.safe_load_all((K8S / "base.yaml").read_text()))
+    for doc in docs:
+        k8s_validate(doc)
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    services = by_name[("ConfigMap", "ddpm-services")]["data"]
+    assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"} <= set(services)
+    assert by_name[("ConfigMap", "ddpm-ray-client")]["data"]["RAY_ADDRESS"].startswith("ray://ddpm-head-svc.")
+    assert not [k for d in docs for k in d.get("data", {}) if SECRET.search(k)]   # secrets: not here
+    broken = copy.deepcopy(by_name[("ConfigMap", "ddpm-services")])
+    broken["data"]["PORT"] = 5000                                   # ConfigMap values are strings
+    import kubernetes_validate
+    with pytest.raises(kubernetes_validate.ValidationError):        # the check is real
+        k8s_validate(broken)
+
+
+def test_raycluster_pods_match_kubernetes_and_rays_kuberay_translation():
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    from ray.autoscaler._private.util import validate_config
+    cr = yaml.safe_load((K8S / "raycluster.yaml").read_text())
+    assert cr["apiVersion"] == "ray.io/v1" and cr["kind"] == "RayCluster"
+    groups = [cr["spec"]["headGroupSpec"], *cr["spec"]["workerGroupSpecs"]]
+    for group in groups:                 # every pod template is a valid core/v1 PodTemplateSpec
+        k8s_validate({"apiVersion": "v1", "kind": "PodTemplate",
+                      "metadata": {"name": group.get("groupName", "head"), "namespace": "ddpm"},
+                      "template": group["template"]})
+    # Ray's autoscaler reads a RayCluster through this translation inside the head pod; its
+    # result must pass the autoscaler's own config schema
+    config = _derive_autoscaling_config_from_ray_cr(copy.deepcopy(cr))
+    validate_config(config)
+    types = config["available_node_types"]
+    assert types["headgroup"]["resources"].get("CPU", 0) == 0       # nothing trains on the head
+    gpu = types["gpu"]
+    assert gpu["resources"]["GPU"] == 1 and gpu["min_workers"] == 0 and gpu["max_workers"] >= 2
+    worker = cr["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["tolerations"]
+    assert worker["nodeSelector"]
+    shm = next(v for v in worker["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in worker["containers"][0]["volumeMounts"]
+    # the cluster runs the Ray the client has pinned, and no Ray pod sees RAY_ADDRESS
+    locked = re.search(r"^ray==(\S+)", (REPO / "requirements.lock").read_text(), re.M).group(1)
+    assert cr["spec"]["rayVersion"] == locked
+    refs = [e["configMapRef"]["name"] for g in groups for c in g["template"]["spec"]["containers"]
+            for e in c.get("envFrom", []) if "configMapRef" in e]
+    assert set(refs) == {"ddpm-services"}
+    broken = copy.deepcopy(cr)
+    broken["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"] = "1 GPU"
+    import kubernetes_validate
+    with pytest.raises(kubernetes_validate.ValidationError):
+        k8s_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
+                      "template": broken["spec"]["workerGroupSpecs"][0]["template"]})
+
+
+def _placeholders(value) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*map(_placeholders, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(_placeholders, value)) if value else set()
+    return set(re.findall(r"\{\{\s*(\w+)\s*\}\}", value)) if isinstance(value, str) else set()
+
+
+def test_prefect_work_pool_template_renders_a_valid_job():
+    from prefect.utilities.templating import apply_values
+    template = json.loads((K8S / "prefect-work-pool.json").read_text())
+    variables = template["variables"]["properties"]
+    # the Kubernetes worker's own default template (bundled with Prefect): same configuration keys
+    bundled = json.loads((Path(__import__("prefect").__file__).parent / "server" / "api" / "collections_data"
+                          / "views" / "aggregate-worker-metadata.json").read_text())
+    default = bundled["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"]
+    assert set(template["job_configuration"]) == set(default["job_configuration"])
+    assert set(default["variables"]["properties"]) <= set(variables)
+    assert _placeholders(template["job_configuration"]) <= set(variables)   # nothing undeclared
+    values = {k: v["default"] for k, v in variables.items() if "default" in v}
+    values["name"] = "ddpm-pipeline-run"       # env stays unset: the worker turns that dict into a list
+    job = apply_values(template["job_configuration"], values)["job_manifest"]
+    k8s_validate(job)                                                # batch/v1 Job, strict
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    refs = {next(iter(e.values()))["name"] for e in container["envFrom"]}
+    base = {d["metadata"]["name"] for d in yaml.safe_load_all((K8S / "base.yaml").read_text())}
+    assert refs - {"ddpm-s3"} <= base and job["spec"]["template"]["spec"]["serviceAccountName"] in base
+    assert job["metadata"]["namespace"] == "ddpm"
