@@ -83,6 +83,8 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = _bound(2000, ge=1)              # optimizer steps in total (resume continues to this)
+    budget_minutes: float = _bound(0.0, ge=0.0)  # wall-clock training budget (0 = none): whichever of
+                                                 # steps and budget comes first ends training
     batch_size: int = _bound(64, ge=1)           # per worker and micro-batch
     grad_accum: int = _bound(1, ge=1)            # micro-batches per optimizer step
     lr: float = _bound(2e-4, gt=0.0, le=1.0)
@@ -136,6 +138,8 @@ class EvaluateConfig:
     batch_size: int = _bound(256, ge=1)
     seed: int = _bound(0, ge=0)
     clip_denoised: bool = True                   # clip predicted x0 to [-1, 1] at each step
+    precision: Precision = "fp32"                # network autocast while sampling: fp32 | bf16 | fp16
+    confidence_threshold: float = _bound(0.9, gt=0.0, le=1.0)  # "recognised" = classifier prob >= this
     fid_samples: int = _bound(1000, ge=2)        # generated images per seed for FID / KID
     fid_seeds: int = _bound(3, ge=1)             # repeats; the report gives mean and spread
     kid_subset_size: int = _bound(1000, ge=2)

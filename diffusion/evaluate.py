@@ -1,4 +1,5 @@
-"""Evaluation: FID and KID of generated samples against cached real-data statistics.
+"""Evaluation: FID and KID of generated samples against cached real-data statistics, and with
+the domain classifier the share of samples it recognises (:mod:`diffusion.quality`).
 
 Reference statistics are cached under a key made of the dataset version, the extractor's sha256,
 the resolution, the split and the number of images; any change gives a new key, so stale numbers
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from diffusion.features import FeatureExtractor
 from diffusion.fid import FeatureStats, frechet_distance, kernel_inception_distance
 from diffusion.grid import save_grid
 from diffusion.prepare import dataset_version
+from diffusion.quality import classifier_quality
 from diffusion.sampling import load_generator, sample
 
 
@@ -92,20 +95,26 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
     heldout = load_prepared(prepared, "heldout")
     floor = fid_against(extract(extractor, heldout.images), train_ref,
                         min(ev.kid_subset_size, len(heldout.labels)))
-    per_seed = []
+    per_seed, probabilities, requested, sampling_seconds = [], [], [], 0.0
     for k in range(ev.fid_seeds):
         n = ev.fid_samples
         classes = trained_cfg.model.num_classes
         labels = torch.arange(n) % classes if classes else None
+        clock = time.perf_counter()
         images = sample(model, schedule, n, channels=trained_cfg.data.channels,
                         resolution=trained_cfg.data.resolution, sampler=ev.sampler, steps=ev.steps,
                         eta=ev.eta, target=trained_cfg.diffusion.target, seed=ev.seed + k * 1_000_003,
                         labels=labels, guidance_scale=ev.guidance_scale, clip_denoised=ev.clip_denoised,
-                        batch_size=ev.batch_size, device=device, progress=progress)
+                        batch_size=ev.batch_size, device=device, progress=progress,
+                        precision=ev.precision)
+        sampling_seconds += time.perf_counter() - clock
         if k == 0:
             save_grid(images[:min(n, 100)], ev.grid_path)
-        per_seed.append(fid_against(extract(extractor, to_uint8(images)), train_ref,
-                                    min(ev.kid_subset_size, n)))
+        pixels = to_uint8(images)
+        per_seed.append(fid_against(extract(extractor, pixels), train_ref, min(ev.kid_subset_size, n)))
+        if hasattr(extractor, "probabilities"):      # the domain classifier: recognisability
+            probabilities.append(extractor.probabilities(pixels))
+            requested.append(labels.numpy() if labels is not None else np.full(n, -1))
     fids = [r["fid"] for r in per_seed]
     kids = [r["kid"] for r in per_seed]
     metrics = {
@@ -118,7 +127,12 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
         "extractor": extractor.name, "extractor_sha256": extractor.sha256,
         "dataset_version": version, "reference_cache_hit": hit,
         "notes": sorted({n for r in per_seed + [floor] for n in r["notes"]}),
+        "precision": ev.precision, "sampling_seconds": sampling_seconds,
+        "sampling_img_per_s": ev.fid_seeds * ev.fid_samples / max(sampling_seconds, 1e-9),
     }
+    if probabilities:    # over all seeds' samples together
+        metrics.update(classifier_quality(np.concatenate(probabilities), np.concatenate(requested),
+                                          ev.confidence_threshold))
     path = Path(ev.metrics_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -133,6 +133,12 @@ class DomainExtractor:
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         return self.model.features(images).double().numpy()
 
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+        """Class probabilities (N, classes) of uint8 images (softmax of the classifier head)."""
+        return np.concatenate([torch.softmax(self.model(images[i:i + batch_size]).double(), 1).numpy()
+                               for i in range(0, images.shape[0], batch_size)])
+
 
 def load_domain_extractor(path: str | Path) -> DomainExtractor:
     path = Path(path)

@@ -22,6 +22,7 @@ from diffusion.unet import UNet
 
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLERS = ("ddpm", "ddim")
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -85,15 +86,17 @@ def ddim_step(rs: RespacedSchedule, i: int, xt: torch.Tensor, x0: torch.Tensor, 
 def _predict(model: nn.Module, schedule: NoiseSchedule, rs: RespacedSchedule, i: int,
              x: torch.Tensor, target: str,
              labels: torch.Tensor | None, null_labels: torch.Tensor | None, guidance_scale: float,
-             clip_denoised: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) at respaced step i, with classifier-free guidance when it applies."""
+             clip_denoised: bool, amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) at respaced step i, with classifier-free guidance when it applies. ``amp``: the
+    network runs under autocast to that dtype; the sampler's own arithmetic stays float32."""
     t = torch.full((x.shape[0],), int(rs.timesteps[i]), device=x.device, dtype=torch.long)
-    if labels is not None and null_labels is not None and guidance_scale != 1.0:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels]))
-        cond, uncond = out.float().chunk(2)
-        output = uncond + guidance_scale * (cond - uncond)      # Ho & Salimans 2022, eq. 6
-    else:
-        output = (model(x, t, labels) if labels is not None else model(x, t)).float()
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        if labels is not None and null_labels is not None and guidance_scale != 1.0:
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels]))
+            cond, uncond = out.float().chunk(2)
+            output = uncond + guidance_scale * (cond - uncond)      # Ho & Salimans 2022, eq. 6
+        else:
+            output = (model(x, t, labels) if labels is not None else model(x, t)).float()
     x0, eps = schedule.predict_x0_eps(x, t, output, target)
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
@@ -113,14 +116,19 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
            eta: float = 0.0, target: str = "eps", seed: int = 0,
            labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
            clip_denoised: bool = True, batch_size: int = 256,
-           device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+           device: torch.device | str = "cpu", progress: bool = True,
+           precision: str = "fp32") -> torch.Tensor:
     """Generate ``num_images`` images (N, C, H, W) in [-1, 1] (unclipped at the last step if
     ``clip_denoised`` is off). ``labels`` (N,) selects classes for a conditional model; guidance
-    needs a model with ``null_class``."""
+    needs a model with ``null_class``. ``precision`` "bf16"/"fp16" runs the network under
+    autocast (the update rule stays float32)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     if labels is not None and labels.shape != (num_images,):
         raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    amp = PRECISIONS[precision]
     rs = respace(schedule, steps)
     was_training = model.training
     model.eval()
@@ -136,7 +144,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
         null = (torch.full_like(y, model.null_class) if y is not None and hasattr(model, "null_class")
                 else None)
         for i in reversed(range(steps)):
-            x0, eps = _predict(model, schedule, rs, i, x, target, y, null, guidance_scale, clip_denoised)
+            x0, eps = _predict(model, schedule, rs, i, x, target, y, null, guidance_scale, clip_denoised,
+                               amp)
             if sampler == "ddpm":
                 x = ddpm_step(rs, i, x, x0, _noise(batch_gens, shape, device) if i > 0 else x)
             else:

@@ -31,8 +31,8 @@ from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
 
 # Keys that may change between a run and its resumption without invalidating the checkpoint.
-RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.log_every", "train.out_dir",
-                  "train.device", "train.compile") + tuple(
+RESUMABLE_KEYS = ("train.steps", "train.budget_minutes", "train.checkpoint_every", "train.log_every",
+                  "train.out_dir", "train.device", "train.compile") + tuple(
     f"{section}.{f.name}" for section, cls in (("evaluate", EvaluateConfig), ("extractor", ExtractorConfig),
                                               ("ray", RayConfig), ("tracking", TrackingConfig))
     for f in dataclasses.fields(cls))
@@ -150,6 +150,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     step: int = 0
+    train_seconds: float = 0.0      # wall-clock spent in the training loop, over all resumes
 
 
 def build_state(cfg: Config, device: torch.device, num_classes_in_data: int) -> TrainState:
@@ -218,6 +219,7 @@ def save_training_checkpoint(state: TrainState, cfg: Config, path: Path) -> Path
         "optimizer": state.optimizer.state_dict(),
         "scaler": state.scaler.state_dict(),
         "rng": _rng_state(),
+        "train_seconds": state.train_seconds,
     }, path)
 
 
@@ -238,6 +240,7 @@ def restore_training_checkpoint(state: TrainState, cfg: Config, path: Path,
     if ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
     state.step = int(ckpt["step"])
+    state.train_seconds = float(ckpt.get("train_seconds", 0.0))
     rng = ckpt.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"].cpu())
@@ -255,10 +258,34 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     state: TrainState | None = field(default=None, repr=False)   # live model, EMA and optimizer
+    stopped_by: str = "steps"       # "steps" (train.steps reached) or "budget" (train.budget_minutes)
+    train_seconds: float = 0.0      # training-loop wall clock over all resumes
 
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CheckpointCallback = Callable[[int, Path], None]
+
+
+class _Budget:
+    """``train.budget_minutes`` of loop wall clock, summed over resumes. Under DDP the ranks agree
+    through a MAX all-reduce of the "out of time" flag, so all stop after the same step; on CUDA
+    the flag is checked every 10 steps (each check waits for the GPU)."""
+
+    def __init__(self, minutes: float, spent: float, ctx: DistContext, device: torch.device) -> None:
+        self.limit, self.spent, self.ctx, self.device = minutes * 60.0, spent, ctx, device
+        self.every = 1 if device.type == "cpu" else 10
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.spent + time.perf_counter() - self.start
+
+    def exhausted(self, step: int) -> bool:
+        if self.limit <= 0 or step % self.every:
+            return False
+        flag = torch.tensor([float(self.seconds() >= self.limit)], device=self.device)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class _Monitor:
@@ -304,8 +331,10 @@ class _Monitor:
 def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = True,
           on_metrics: MetricsCallback | None = None,
           on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
-    """Train to ``cfg.train.steps`` optimizer steps, resuming from ``out_dir/checkpoint.pt``
-    (with ``resume=False`` an existing checkpoint is an error, never overwritten).
+    """Train to ``cfg.train.steps`` optimizer steps or until ``cfg.train.budget_minutes`` of
+    training wall clock (counted over resumes) are spent, whichever comes first, resuming from
+    ``out_dir/checkpoint.pt`` (with ``resume=False`` an existing checkpoint is an error, never
+    overwritten). Either way the last step is checkpointed with its EMA weights.
     ``on_checkpoint(step, path)`` runs on every rank after each checkpoint (rank 0 wrote it).
 
     Works single-process and inside an initialized process group (DDP); only rank 0 writes.
@@ -347,12 +376,16 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
     history: list[dict[str, float]] = []
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc="training", unit="step",
                disable=not (progress and ctx.is_main))
-    while state.step < cfg.train.steps:
+    budget = _Budget(cfg.train.budget_minutes, state.train_seconds, ctx, device)
+    out_of_time = budget.exhausted(state.step)        # a resumed run may have spent it already
+    while state.step < cfg.train.steps and not out_of_time:
         step = state.step
         out = train_step(state, net, loss_fn, plan.micro_batches(step), cfg, device)
         monitor.record(step, out)
         bar.update(1)
-        done = state.step == cfg.train.steps
+        out_of_time = budget.exhausted(state.step)
+        state.train_seconds = budget.seconds()
+        done = state.step == cfg.train.steps or out_of_time
         if state.step % cfg.train.log_every == 0 or done:
             monitor.check_finite(ckpt_path, last_good)
             metrics = monitor.report(state.step, out, lr_at(step, cfg.train.lr, cfg.train.warmup_steps))
@@ -370,10 +403,17 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
             if on_checkpoint is not None:
                 on_checkpoint(state.step, ckpt_path)
     bar.close()
-    if ctx.is_main and not ckpt_path.exists():  # nothing to do, but leave a loadable checkpoint
-        save_training_checkpoint(state, cfg, ckpt_path)
+    if state.step == resumed_from:     # nothing left to train (steps or budget already spent)
+        if ctx.is_main and not ckpt_path.exists():
+            save_training_checkpoint(state, cfg, ckpt_path)
+        if on_checkpoint is not None:  # the caller still learns where the final checkpoint is
+            on_checkpoint(state.step, ckpt_path)
+    stopped_by = "steps" if state.step >= cfg.train.steps else "budget"
+    if ctx.is_main and progress and stopped_by == "budget":
+        print(f"training budget of {cfg.train.budget_minutes:g} min reached at step {state.step} "
+              f"of {cfg.train.steps} ({state.train_seconds:.0f} s of training)")
     return TrainResult(state.step, ckpt_path, time.perf_counter() - started, history, resumed_from,
-                       state)
+                       state, stopped_by, state.train_seconds)
 
 
 def _append_metrics(path: Path, row: dict[str, float]) -> None:

@@ -202,7 +202,10 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
     summary = {
         "dataset_version": version, "dvc": dvc_state, "train_step": trained["step"],
         "train_seconds": round(train_seconds, 1), "fid": metrics["fid"], "fid_std": metrics["fid_std"],
-        "floor_fid": metrics["floor_fid"], "model": reg["name"], "version": reg["version"],
+        "floor_fid": metrics["floor_fid"], "stopped_by": trained.get("stopped_by", "steps"),
+        **{k: metrics[k] for k in ("confident_share", "class_entropy_ratio", "label_agreement")
+           if k in metrics},
+        "model": reg["name"], "version": reg["version"],
         "alias": reg["alias"], "reason": reg["reason"], "mlflow_run_id": reg["run_id"],
         "tracking_uri": reg["tracking_uri"], "seconds": round(time.perf_counter() - started, 1),
     }
@@ -210,10 +213,14 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
         f"# {FLOW_NAME}: {reg['name']} v{reg['version']} -> `{reg['alias']}`",
         "",
         f"- dataset version: `{version}` (DVC: {dvc_state})",
-        f"- training: {trained['step']} steps, {train_seconds:.1f} s in this run "
-        f"(Ray run `{trained.get('ray_run_name', 'none')}`)",
+        f"- training: {trained['step']} steps (ended by {summary['stopped_by']}), {train_seconds:.1f} s "
+        f"in this run (Ray run `{trained.get('ray_run_name', 'none')}`)",
         f"- FID {metrics['fid']:.3f} ± {metrics['fid_std']:.3f} over {len(per_seed)} seeds; "
         f"real-vs-real floor {metrics['floor_fid']:.3f}",
+        *([f"- recognised by the domain classifier (p ≥ {metrics['confidence_threshold']:g}): "
+           f"{metrics['confident_share']:.1%}; class entropy {metrics['class_entropy_ratio']:.3f} of "
+           f"the maximum; label agreement {metrics.get('label_agreement', float('nan')):.1%}"]
+          if "confident_share" in metrics else []),
         f"- registry decision: **{reg['alias']}** - {reg['reason']}",
         f"- MLflow run `{reg['run_id']}` at {reg['tracking_uri']}; model `models:/{reg['name']}/{reg['version']}`",
         f"- MLflow UI: {mlflow_ui}",
@@ -242,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_ui, prefect_ui = _ui_links(s)
     print(f"\n{FLOW_NAME} finished in {s['seconds']:.0f} s\n"
           f"  dataset version : {s['dataset_version']}\n"
+          f"  training        : {s['train_step']} steps, ended by {s['stopped_by']}\n"
           f"  FID             : {s['fid']:.3f} ± {s['fid_std']:.3f} (real-vs-real floor {s['floor_fid']:.3f})\n"
+          + (f"  recognised      : {s['confident_share']:.1%} of samples (classifier p >= 0.9), class "
+             f"entropy {s['class_entropy_ratio']:.3f} of max, label agreement "
+             f"{s.get('label_agreement', float('nan')):.1%}\n" if "confident_share" in s else "") +
           f"  registered      : {s['model']} version {s['version']} -> alias '{s['alias']}'\n"
           f"  decision        : {s['reason']}\n"
           f"  MLflow UI       : {mlflow_ui}\n"

@@ -122,6 +122,8 @@ class RayTrainResult:
     step: int
     metrics: dict
     ray_checkpoint: str       # where Ray keeps it (local path or s3:// URI)
+    train_seconds: float      # training-loop wall clock over all attempts (train.budget_minutes)
+    stopped_by: str           # "steps" or "budget"
 
 
 def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> RayTrainResult:
@@ -151,6 +153,8 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> RayTrai
         for name in (CHECKPOINT_NAME, METRICS_NAME):
             if (Path(d) / name).exists():
                 shutil.copy(Path(d) / name, out / name)
-    step = int(load_checkpoint(out / CHECKPOINT_NAME)["step"])
+    final = load_checkpoint(out / CHECKPOINT_NAME)
+    step = int(final["step"])
     return RayTrainResult(out / CHECKPOINT_NAME, run_name, step, dict(result.metrics or {}),
-                          result.checkpoint.path)
+                          result.checkpoint.path, float(final.get("train_seconds", 0.0)),
+                          "steps" if step >= cfg.train.steps else "budget")

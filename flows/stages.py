@@ -94,7 +94,8 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
         if cfg.ray.enabled:
             r = ray_train(cfg, (uri, run_id))
             step, checkpoint = r.step, r.checkpoint
-            extra = {k: r.metrics.get(k) for k in ("resumed_from", "world_size")}
+            extra = {**{k: r.metrics.get(k) for k in ("resumed_from", "world_size")},
+                     "stopped_by": r.stopped_by, "train_loop_seconds": round(r.train_seconds, 2)}
         else:
             tracker = TrainingTracker(cfg, uri, run_id)
             try:
@@ -103,7 +104,8 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
             finally:
                 tracker.close()
             step, checkpoint = t.step, t.checkpoint
-            extra = {"resumed_from": t.resumed_from, "world_size": 1}
+            extra = {"resumed_from": t.resumed_from, "world_size": 1, "stopped_by": t.stopped_by,
+                     "train_loop_seconds": round(t.train_seconds, 2)}
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -112,6 +114,8 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
             monitor.finish()
     seconds = time.perf_counter() - started
     client.log_metric(run_id, "train_seconds", seconds, step=step)
+    client.log_metric(run_id, "train_loop_seconds", extra["train_loop_seconds"], step=step)
+    client.set_tag(run_id, "stopped_by", extra["stopped_by"])
     client.set_terminated(run_id, "FINISHED")
     info = {"step": step, "checkpoint": str(checkpoint), "mlflow_run_id": run_id,
             "tracking_uri": uri, "ray_run_name": ray_name,

@@ -35,7 +35,8 @@ from diffusion.sampling import load_generator, sample  # noqa: E402
 _MAX_PARAMS_PER_BATCH = 100       # MLflow's log_batch limits
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_LENGTH = 6000
-EVAL_METRICS = ("fid", "fid_std", "kid", "kid_std", "floor_fid", "floor_kid", "fid_over_floor")
+EVAL_METRICS = ("fid", "fid_std", "kid", "kid_std", "floor_fid", "floor_kid", "fid_over_floor",
+                "confident_share", "class_entropy_ratio", "label_agreement", "sampling_seconds")
 
 
 def tracking_uri(cfg: Config) -> str:

@@ -36,6 +36,10 @@ def test_extractor_train_evaluate(tmp_path, monkeypatch):
     assert m["fid"] > 3 * m["floor_fid"] and m["fid_over_floor"] > 3
     assert m["extractor_sha256"] == ext["sha256"] and m["dataset_version"].endswith(".dir")
     assert m["reference_cache_hit"] is False
+    # recognisability over both seeds' samples, by the same domain classifier
+    assert m["quality_samples"] == 2 * m["samples_per_seed"]
+    assert 0 <= m["confident_share"] <= 1 and 0 <= m["class_entropy_ratio"] <= 1
+    assert 0 <= m["label_agreement"] <= 1 and m["sampling_seconds"] > 0
     on_disk = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert on_disk["fid"] == m["fid"] and (tmp_path / "metrics" / "samples.png").exists()
     again = evaluate_stage(cfg, progress=False)

@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_repository_params_yaml_loads():
     cfg = load_config(REPO / "params.yaml")
     assert cfg.data.source == "mnist"
-    assert cfg.model.preset == "mnist_small"
-    assert cfg.model.base_channels == 32          # from the preset
+    assert cfg.model.preset == "mnist_fast"
+    assert cfg.model.base_channels == 16          # from the preset
     assert cfg.model.num_classes == 10            # given beside the preset
 
 
@@ -32,6 +32,9 @@ def test_defaults_are_valid_and_frozen():
     ({"diffusion": {"schedule": "quadratic"}},
      "diffusion.schedule = 'quadratic': expected one of 'linear', 'cosine'"),
     ({"train": {"steps": 1.5}}, "train.steps = 1.5: expected an integer"),
+    ({"train": {"budget_minutes": -1}}, "train.budget_minutes = -1.0: must be >= 0.0"),
+    ({"evaluate": {"precision": "int8"}}, "evaluate.precision = 'int8': expected one of 'fp32'"),
+    ({"evaluate": {"confidence_threshold": 0}}, "evaluate.confidence_threshold = 0.0: must be > 0.0"),
     ({"train": {"steps": True}}, "train.steps = True: expected an integer"),
     ({"train": {"ema_warmup": "yes"}}, "train.ema_warmup = 'yes': expected true or false"),
     ({"train": {"lr": "fast"}}, "train.lr = 'fast': expected a number"),

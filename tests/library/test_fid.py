@@ -9,8 +9,10 @@ from torch import nn
 
 from diffusion.data import ImageSet, load_prepared
 from diffusion.evaluate import extract, reference_key, reference_stats
-from diffusion.features import load_domain_extractor, load_inception, save_classifier, train_classifier
+from diffusion.features import (accuracy, load_domain_extractor, load_inception, save_classifier,
+                                train_classifier)
 from diffusion.fid import FeatureStats, frechet_distance, kernel_inception_distance
+from diffusion.quality import classifier_quality
 from tests.helpers import digits_dir
 
 
@@ -87,6 +89,22 @@ def digits_extractor(tmp_path_factory):
 def test_domain_extractor_learns_the_digits(digits_extractor):
     extractor, acc = digits_extractor
     assert acc > 0.85 and len(extractor.sha256) == 64 and extractor.dim == 128
+
+
+def test_recognisability_of_real_and_noise_digits(digits_extractor):
+    extractor, _ = digits_extractor
+    heldout = load_prepared(digits_dir(), "heldout")
+    real = classifier_quality(extractor.probabilities(heldout.images), heldout.labels.numpy())
+    # agreement with the true labels is the classifier's accuracy, computed independently
+    assert real["label_agreement"] == pytest.approx(accuracy(extractor.model, heldout), abs=1e-9)
+    assert real["class_entropy_ratio"] > 0.95          # the packaged digits are balanced
+    assert real["confident_share"] > 0.6
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, heldout.images.shape, generator=g, dtype=torch.uint8)
+    fake = classifier_quality(extractor.probabilities(noise), heldout.labels.numpy())
+    assert fake["label_agreement"] < 0.3               # chance is 0.1
+    blank = classifier_quality(extractor.probabilities(torch.zeros_like(heldout.images)))
+    assert blank["class_entropy_ratio"] == 0.0         # identical images: one class
 
 
 def test_fid_grows_as_real_images_get_noisier(digits_extractor):

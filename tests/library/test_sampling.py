@@ -173,3 +173,33 @@ def test_clipping_keeps_range_and_bad_arguments(schedule):
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         sample(Wild(), schedule, 2, channels=1, resolution=2, labels=torch.zeros(3, dtype=torch.long),
                progress=False)
+
+
+def test_bf16_sampling_runs_the_network_in_bf16_and_keeps_the_law(schedule):
+    class CastProbe(GaussianOracle):
+        """The exact denoiser followed by an identity 1x1 convolution, which autocast runs in bf16."""
+
+        def __init__(self, schedule):
+            super().__init__(schedule)
+            self.conv = nn.Conv2d(1, 1, 1, bias=False)
+            nn.init.ones_(self.conv.weight)
+            self.dtypes = set()
+
+        def forward(self, x, t, labels=None):
+            out = self.conv(super().forward(x, t, labels))
+            self.dtypes.add(out.dtype)
+            return out
+
+    kw = dict(channels=1, resolution=4, sampler="ddim", steps=50, clip_denoised=False, batch_size=2000,
+              progress=False)
+    probe = CastProbe(schedule)
+    x = sample(probe, schedule, 2000, precision="bf16", **kw)
+    assert probe.dtypes == {torch.bfloat16} and x.dtype == torch.float32
+    assert x.mean().item() == pytest.approx(MU, abs=0.03)
+    assert x.std().item() == pytest.approx(SD, rel=0.10)
+    exact = CastProbe(schedule)
+    y = sample(exact, schedule, 2000, **kw)
+    assert exact.dtypes == {torch.float32}
+    assert 0 < (x - y).abs().mean().item() < 0.02        # rounding, not a different sampler
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        sample(exact, schedule, 2, channels=1, resolution=2, precision="fp8", progress=False)

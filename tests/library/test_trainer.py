@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import time
 
 import pytest
 import torch
@@ -152,6 +153,46 @@ def test_ddp_two_workers_match_one_worker_with_double_batch(tmp_path, digits):
                    progress=False)
     ref = params_of(single.checkpoint)["model"]
     assert max((ddp[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+
+
+def test_budget_stops_training_with_a_final_checkpoint(tmp_path, digits):
+    cfg = tiny_cfg(tmp_path, "train.steps=1000000", "train.budget_minutes=0.02")     # 1.2 s
+    clock = time.perf_counter()
+    res = train(cfg, digits, progress=False)
+    wall = time.perf_counter() - clock
+    assert res.stopped_by == "budget" and 4 < res.step < 1000000
+    assert 1.2 <= res.train_seconds <= wall
+    ckpt = load_checkpoint(res.checkpoint)
+    assert ckpt["step"] == res.step and ckpt["train_seconds"] == pytest.approx(res.train_seconds)
+    assert ckpt["ema"]["num_updates"] == res.step         # the EMA weights of the last step
+    assert res.history[-1]["step"] == res.step         # the final state is reported too
+    # the budget counts over resumes: the same budget again trains no further
+    again = train(cfg, digits, progress=False)
+    assert (again.step, again.resumed_from, again.stopped_by) == (res.step, res.step, "budget")
+    # a larger budget is a resume (like train.steps), and continues to it
+    more = train(tiny_cfg(tmp_path, "train.steps=1000000", "train.budget_minutes=0.04"), digits,
+                 progress=False)
+    assert more.resumed_from == res.step and more.step > res.step and more.train_seconds >= 2.4
+    # whichever comes first: steps
+    short = train(tiny_cfg(tmp_path / "short", "train.steps=3", "train.budget_minutes=10"), digits,
+                  progress=False)
+    assert (short.step, short.stopped_by) == (3, "steps")
+
+
+def test_ddp_ranks_stop_at_the_same_step_on_budget(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = ["train.steps=1000000", "train.batch_size=8", "train.budget_minutes=0.02"]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), overrides, str(tmp_path / "res")),
+             nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "res.0", weights_only=True)
+    rank1 = torch.load(tmp_path / "res.1", weights_only=True)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)     # same step count, same weights
+    ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    assert 0 < ckpt["step"] < 1000000 and ckpt["train_seconds"] >= 1.2
+    assert all(torch.equal(rank0[k], v) for k, v in ckpt["model"].items())
 
 
 def test_checkpoint_files_are_safe(tmp_path, digits):
