@@ -234,7 +234,7 @@ def run_sampling(run_dir: Path, args, extractor) -> None:
         precision = s[4] if len(s) > 4 else cfg.evaluate.precision
         images, labels, seconds = generate(run_dir, n, sampler, steps, guidance, precision)
         write({"kind": "sampling", "name": f"{sampler}-{steps} g={guidance:g} {precision}",
-               "run": str(run_dir.relative_to(ROOT)), "sampler": sampler, "sample_steps": steps,
+               "run": str(run_dir), "sampler": sampler, "sample_steps": steps,
                "guidance": guidance, "sample_precision": precision, "samples": n,
                "sampling_seconds": seconds, "seconds_per_1000": seconds * 1000 / n,
                **score(images, labels, extractor, args.work)})
@@ -248,6 +248,7 @@ def rows(kind: str, path: Path = RESULTS) -> list[dict]:
 
 def report(path: Path = RESULTS) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -289,7 +290,9 @@ def report(path: Path = RESULTS) -> None:
                   ylim=(0, 1), xscale="log", xticks=m, xticklabels=[f"{x:g}" for x in m])
         ax[1].set(xlabel="training budget (min, 2 CPU cores)", ylabel="FID / real-vs-real floor",
                   xscale="log", yscale="log", xticks=m, xticklabels=[f"{x:g}" for x in m])
-        ax[0].legend(fontsize=8)
+        for a in ax:
+            a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax[0].legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         fig.savefig(ROOT / "bench" / "quality_vs_budget.png", dpi=120)
         print("\nwrote bench/quality_vs_budget.png")

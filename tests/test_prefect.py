@@ -3,6 +3,7 @@ project checkout (git + DVC with its local remote), runs triggered with `prefect
 from the CLI. The first run trains on Ray and registers in MLflow; the second hits the cache; a
 run whose data fails validation ends FAILED with nothing registered."""
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from tests.conftest import free_port
 from tests.helpers import make_project, wait_http
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 # training in-process keeps the suite short: the Ray path of the same train stage is exercised by
 # `dvc repro` (tests/data/test_dvc.py) and tests/test_ray.py
 FAST = ["evaluate.fid_samples=100", "evaluate.fid_seeds=2", "ray.enabled=false"]
@@ -115,3 +117,28 @@ def test_failing_validation_fails_the_run_and_registers_nothing(deployment):
     assert "validate stage failed: ValidationFailed" in bad["state"].message
     assert "pixel_stats" in bad["state"].message
     assert len(store.search_model_versions("name='ddpm-mnist'")) == count
+
+
+def test_kubernetes_work_pool_template_is_accepted_by_the_server(deployment):
+    """infra/k8s/prefect-work-pool.json registered on the real server as a Kubernetes pool (the
+    server checks the template: variables schema, placeholders) and read back unchanged."""
+    root, env, _ = deployment
+    template = REPO / "infra" / "k8s" / "prefect-work-pool.json"
+    made = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "ddpm-k8s", "--type", "kubernetes",
+                           "--base-job-template", str(template)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_work_pool("ddpm-k8s")
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        pool = asyncio.run(read())
+    assert pool.type == "kubernetes"
+    assert pool.base_job_template == json.loads(template.read_text())
+    bad = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "ddpm-bad", "--type", "kubernetes",
+                          "--base-job-template", str(root / "params.yaml")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
