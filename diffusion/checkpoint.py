@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+    except pickle.UnpicklingError as exc:   # weights_only refused something: say what, never "how"
+        raise CheckpointError(f"{path}: not a readable checkpoint: refused to load {_refused(exc)}; "
+                              "a checkpoint holds only tensors and plain values, and anything else "
+                              "could run code while loading") from None
+    except Exception as exc:  # torch raises several types for corrupt files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -64,6 +70,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks keys {', '.join(missing)}")
     return ckpt
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _refused(exc: pickle.UnpicklingError) -> str:
+    """What torch's safe unpickler refused, from its message (which also advises switching the
+    protection off: that advice is dropped)."""
+    found = _GLOBAL.search(str(exc))
+    return f"the pickled global {found.group(1)}" if found else "unsafe pickled content"
 
 
 def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> Config:

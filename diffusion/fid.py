@@ -1,10 +1,11 @@
 """Fréchet distance (FID) and kernel inception distance (KID) between feature sets.
 
 Feature statistics accumulate in float64 in a streaming way: memory O(d^2), never O(N d).
-The matrix square root follows the reference implementations (pytorch-fid, StyleGAN): scipy's
-``sqrtm``; if the product is singular, ``eps`` is added to both diagonals; a tiny imaginary part
-from numerical error is dropped, a large one is an error. Each such event is reported in
-``FrechetResult.notes``.
+The matrix square root follows the reference implementation (pytorch-fid's
+``calculate_frechet_distance``): scipy's ``sqrtm``; only if its result is not finite is ``eps``
+added to both diagonals (a warning that the product is nearly singular changes nothing); a tiny
+imaginary part from numerical error is dropped, a large one is an error. Each such event is
+reported in ``FrechetResult.notes``.
 """
 
 from __future__ import annotations
@@ -53,14 +54,12 @@ class FrechetResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _sqrtm(m: np.ndarray) -> tuple[np.ndarray, bool]:
-    """scipy's matrix square root, and whether scipy found the matrix singular."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        root = scipy.linalg.sqrtm(m)
-    singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) or "singular" in str(w.message)
-                   for w in caught)
-    return root, singular
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root; its "nearly singular" warnings are not acted on (the
+    reference rule looks at the result only), so they are silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return scipy.linalg.sqrtm(m)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
@@ -71,11 +70,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
     notes = []
-    covmean, singular = _sqrtm(s1 @ s2)
-    if singular or not np.isfinite(covmean).all():
+    covmean = _sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
         notes.append(f"product of covariances is singular; added {eps} to both diagonals")
         offset = np.eye(s1.shape[0]) * eps
-        covmean, _ = _sqrtm((s1 + offset) @ (s2 + offset))
+        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         imag = float(np.max(np.abs(covmean.imag)))
         if imag > max_imag:

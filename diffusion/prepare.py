@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,24 @@ BadFilePolicy = Literal["fail", "skip"]
 
 class DataError(ValueError):
     """Bad input data; the message names the file or key and what was expected."""
+
+
+class BadFile(DataError):
+    """One input file or object that cannot be used: its key (a relative path or an S3 URI) and
+    the reason, kept apart so that ``rejects.csv`` never has to split the message."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def stable_text(text: str) -> str:
+    """``text`` without object reprs that carry a memory address (``<_io.BytesIO object at
+    0x7f...>``), so that the same bad file gives the same reason in every run."""
+    return _OBJECT_REPR.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -67,8 +86,8 @@ def _to_supported_mode(img: Image.Image, key: str) -> Image.Image:
     if mode in ("1", "L", "RGB"):
         return img
     if mode.startswith("I;16") or mode in ("I", "F"):
-        raise DataError(f"{key}: {mode} images (16/32-bit or float) are not supported; "
-                        "convert them to 8-bit grey or RGB")
+        raise BadFile(key, f"{mode} images (16/32-bit or float) are not supported; "
+                      "convert them to 8-bit grey or RGB")
     if mode == "P":
         if "transparency" in img.info:
             img = img.convert("RGBA")
@@ -78,12 +97,12 @@ def _to_supported_mode(img: Image.Image, key: str) -> Image.Image:
     if mode in ("RGBA", "LA", "PA"):
         alpha = np.asarray(img.getchannel("A"))
         if alpha.min() < 255:
-            raise DataError(f"{key}: has transparency ({mode} with alpha < 255); flatten it "
-                            "onto a background first")
+            raise BadFile(key, f"has transparency ({mode} with alpha < 255); flatten it "
+                          "onto a background first")
         return img.convert("RGB" if mode in ("RGBA", "PA") else "L")
     if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         return img.convert("RGB")
-    raise DataError(f"{key}: unsupported image mode {mode!r}")
+    raise BadFile(key, f"unsupported image mode {mode!r}")
 
 
 def decode(record: Record) -> np.ndarray:
@@ -91,7 +110,7 @@ def decode(record: Record) -> np.ndarray:
     if isinstance(record.payload, np.ndarray):
         arr = record.payload
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-            raise DataError(f"{record.key}: expected uint8 (H, W) or (H, W, C) pixels")
+            raise BadFile(record.key, "expected uint8 (H, W) or (H, W, C) pixels")
         return arr[..., None] if arr.ndim == 2 else arr
     try:
         with warnings.catch_warnings():
@@ -101,7 +120,8 @@ def decode(record: Record) -> np.ndarray:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"{record.key}: not a readable image ({type(exc).__name__}: {exc})") from None
+        raise BadFile(record.key, f"not a readable image ({type(exc).__name__}: "
+                                  f"{stable_text(str(exc))})") from None
     img = _to_supported_mode(img, record.key)
     arr = np.asarray(img.convert("L") if img.mode == "1" else img, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
@@ -165,37 +185,51 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def folder_records(root: str | Path) -> Iterator[Record | DataError]:
+def folder_records(root: str | Path) -> Iterator[Record | BadFile]:
     """Images under ``root`` (PNG/JPEG); the class is the first sub-folder's name when present.
 
-    Entries that resolve outside ``root`` (symlinks out) are yielded as DataError, never read.
+    Symbolic links, to files or to directories, are followed while they resolve inside ``root``;
+    one that resolves outside it, or a directory link back into its own ancestors (a loop), is
+    yielded as a :class:`BadFile` and never read. Keys are paths relative to ``root`` as seen
+    through the links, so the same tree gives the same keys wherever it lies.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.path = {str(root)!r}: not a directory")
     real_root = root.resolve()
     found = False
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
         dirnames.sort()
+        for d in list(dirnames):             # decide on directory links before os.walk descends
+            link = here / d
+            if not link.is_symlink():
+                continue
+            rel = link.relative_to(root).as_posix()
+            target = link.resolve()
+            if not _inside(target, real_root):
+                dirnames.remove(d)
+                yield BadFile(f"{rel}/", "directory link resolves outside the source folder; refused")
+            elif _inside(here.resolve(), target):
+                dirnames.remove(d)
+                yield BadFile(f"{rel}/", "directory link points at one of its own parents (a loop); "
+                                         "refused")
         for name in sorted(filenames):
-            path = Path(dirpath) / name
+            path = here / name
             rel = path.relative_to(root).as_posix()
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             found = True
             if not _inside(path.resolve(), real_root):
-                yield DataError(f"{rel}: resolves outside {root} (symlink out); refused")
+                yield BadFile(rel, "resolves outside the source folder (symlink out); refused")
                 continue
             parts = rel.split("/")
             yield Record(rel, path.read_bytes(), parts[0] if len(parts) > 1 else None)
-        for d in list(dirnames):                          # do not descend into escaping links
-            if (Path(dirpath) / d).is_symlink() and not _inside((Path(dirpath) / d).resolve(), real_root):
-                dirnames.remove(d)
     if not found:
         raise DataError(f"data.path = {str(root)!r}: no PNG or JPEG images found")
 
 
-def source_records(cfg: DataConfig) -> Iterator[Record | DataError]:
+def source_records(cfg: DataConfig) -> Iterator[Record | BadFile]:
     """Records for the packaged and folder sources (S3 is read by flows.s3, outside the library)."""
     if cfg.source in ("mnist", "digits"):
         return packaged_records(cfg.source)
@@ -215,10 +249,14 @@ class PrepareResult:
     version: str
 
 
-def prepare(records: Iterable[Record | DataError], out_dir: str | Path, *, resolution: int,
+def prepare(records: Iterable[Record | BadFile], out_dir: str | Path, *, resolution: int,
             channels: int, heldout_fraction: float, bad_files: BadFilePolicy = "fail",
-            source: str = "") -> PrepareResult:
-    """Decode, convert, split and write ``records`` into ``out_dir`` (replaced atomically)."""
+            source: str = "", origin: str = "") -> PrepareResult:
+    """Decode, convert, split and write ``records`` into ``out_dir`` (replaced atomically).
+
+    ``source`` (the kind of source, e.g. "folder") goes into ``stats.json``; ``origin`` (where
+    it was read from) only into error messages: the output depends on the images alone, never on
+    the machine path they were read from."""
     if bad_files not in ("fail", "skip"):
         raise DataError(f"data.bad_files = {bad_files!r}: expected 'fail' or 'skip'")
     prepared: list[PreparedImage] = []
@@ -228,13 +266,14 @@ def prepare(records: Iterable[Record | DataError], out_dir: str | Path, *, resol
             if isinstance(rec, DataError):
                 raise rec
             prepared.append(prepare_one(rec, resolution, channels))
-        except DataError as exc:
+        except BadFile as exc:
             if bad_files == "fail":
                 raise DataError(f"{exc} (data.bad_files = 'fail'; use 'skip' to list and skip "
                                 "bad files)") from None
-            rejects.append((str(exc).split(":", 1)[0], str(exc).split(": ", 1)[-1]))
+            rejects.append((exc.key, exc.reason))
     if not prepared:
-        raise DataError(f"{source or 'source'}: no usable images")
+        raise DataError(f"{origin or source or 'source'}: no usable images")
+    rejects.sort()
     prepared.sort(key=lambda p: p.key)
     classes = sorted({p.label for p in prepared if p.label is not None}, key=_class_order)
     index_of = {c: i for i, c in enumerate(classes)}
@@ -294,14 +333,14 @@ def _remove_tree(path: Path) -> None:
         path.rmdir()
 
 
-def prepare_from_config(cfg: DataConfig, records: Iterable[Record | DataError] | None = None
+def prepare_from_config(cfg: DataConfig, records: Iterable[Record | BadFile] | None = None
                         ) -> PrepareResult:
     """The prepare stage for ``cfg``; ``records`` defaults to the packaged / folder source
     (the S3 source passes its own records from flows.s3)."""
     return prepare(source_records(cfg) if records is None else records, cfg.prepared_dir,
                    resolution=cfg.resolution, channels=cfg.channels,
                    heldout_fraction=cfg.heldout_fraction, bad_files=cfg.bad_files,
-                   source=f"{cfg.source}:{cfg.path}" if cfg.path else cfg.source)
+                   source=cfg.source, origin=f"{cfg.source}:{cfg.path}" if cfg.path else cfg.source)
 
 
 # --------------------------------------------------------------------------- reading and versioning

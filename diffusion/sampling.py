@@ -42,13 +42,27 @@ class RespacedSchedule:
     def posterior_variance(self) -> torch.Tensor:
         return self.betas * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
 
+    @property
+    def posterior_mean_coef_x0(self) -> torch.Tensor:
+        """sqrt(abar_{i-1}) beta_i / (1 - abar_i) (Ho et al. eq. 7), float64: exactly 1 at i = 0."""
+        return self.alpha_bar_prev.sqrt() * self.betas / (1.0 - self.alpha_bar)
+
+    @property
+    def posterior_mean_coef_xt(self) -> torch.Tensor:
+        """sqrt(1 - beta_i) (1 - abar_{i-1}) / (1 - abar_i) (Ho et al. eq. 7), float64: 0 at i = 0."""
+        return (1.0 - self.betas).sqrt() * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
+
 
 def respace(schedule: NoiseSchedule, num_steps: int) -> RespacedSchedule:
-    """Keep ``num_steps`` evenly spaced timesteps of ``schedule`` (always including t = T-1)."""
+    """Keep ``num_steps`` evenly spaced timesteps of ``schedule``: t = round(k (T-1) / (N-1)),
+    k = 0..N-1, so the chain always starts from pure noise at t = T-1 (with N = 1, only T-1)."""
     total = schedule.num_timesteps
     if not 1 <= num_steps <= total:
         raise ValueError(f"sampling steps must be in [1, {total}], got {num_steps}")
-    steps = torch.linspace(0, total - 1, num_steps, dtype=torch.float64).round().long()
+    if num_steps == 1:
+        steps = torch.tensor([total - 1])
+    else:
+        steps = torch.linspace(0, total - 1, num_steps, dtype=torch.float64).round().long()
     alpha_bar = schedule.alpha_bar.cpu()[steps]
     alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
     return RespacedSchedule(steps, alpha_bar, alpha_bar_prev)
@@ -60,11 +74,9 @@ def _coef(values: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
 
 def ddpm_step(rs: RespacedSchedule, i: int, xt: torch.Tensor, x0: torch.Tensor,
               noise: torch.Tensor) -> torch.Tensor:
-    """x_{i-1} ~ q(x_{i-1} | x_i, x0_pred) (Ho et al. eq. 6-7, sigma^2 = beta tilde)."""
-    beta = _coef(rs.betas, i, xt)
-    abar, abar_prev = _coef(rs.alpha_bar, i, xt), _coef(rs.alpha_bar_prev, i, xt)
-    mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev)
-                                                         / (1 - abar)) * xt
+    """x_{i-1} ~ q(x_{i-1} | x_i, x0_pred) (Ho et al. eq. 6-7, sigma^2 = beta tilde). The
+    coefficients are computed in float64 and cast once, so the last step returns x0 exactly."""
+    mean = _coef(rs.posterior_mean_coef_x0, i, xt) * x0 + _coef(rs.posterior_mean_coef_xt, i, xt) * xt
     if i == 0:
         return mean
     return mean + _coef(rs.posterior_variance, i, xt).sqrt() * noise

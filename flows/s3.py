@@ -16,7 +16,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-from diffusion.prepare import IMAGE_SUFFIXES, DataError, Record
+from diffusion.prepare import IMAGE_SUFFIXES, BadFile, DataError, Record
 
 RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=64)
 
@@ -32,22 +32,24 @@ def s3_client():
     return boto3.session.Session().client("s3", config=RETRIES)
 
 
-def _explain(exc: Exception, where: str) -> DataError:
+def _explain(exc: Exception, where: str) -> BadFile:
+    """The S3 failure at ``where`` (a bucket or an object URI) as an error that names it; raised
+    when listing fails, yielded as a reject row when one object cannot be read."""
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchBucket", "404"):
-            return DataError(f"{where}: bucket does not exist")
+            return BadFile(where, "bucket does not exist")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return DataError(f"{where}: access denied ({code}); check the credentials and the "
-                             "bucket policy")
+            return BadFile(where, f"access denied ({code}); check the credentials and the "
+                                  "bucket policy")
         if code in ("NoSuchKey",):
-            return DataError(f"{where}: object disappeared while reading")
-        return DataError(f"{where}: S3 error {code or type(exc).__name__}")
+            return BadFile(where, "object disappeared while reading")
+        return BadFile(where, f"S3 error {code or type(exc).__name__}")
     if isinstance(exc, NoCredentialsError):
-        return DataError(f"{where}: no AWS credentials found (environment, profile or ~/.aws)")
+        return BadFile(where, "no AWS credentials found (environment, profile or ~/.aws)")
     if isinstance(exc, EndpointConnectionError):
-        return DataError(f"{where}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')})")
-    return DataError(f"{where}: {type(exc).__name__}")
+        return BadFile(where, f"cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')})")
+    return BadFile(where, type(exc).__name__)
 
 
 def safe_relative_key(key: str, prefix: str) -> str | None:
@@ -86,17 +88,17 @@ def list_keys(uri: str, client=None, page_size: int = 1000) -> list[str]:
 
 
 def s3_records(uri: str, workers: int = 16, client=None, page_size: int = 1000
-               ) -> Iterator[Record | DataError]:
+               ) -> Iterator[Record | BadFile]:
     """Records for every image under ``uri``; the class is the first folder below the prefix."""
     bucket, prefix = parse_s3_uri(uri)
     client = client or s3_client()
     keys = list_keys(uri, client, page_size)
 
-    def fetch(key: str) -> Record | DataError:
+    def fetch(key: str) -> Record | BadFile:
         rel = safe_relative_key(key, prefix)
         where = f"s3://{bucket}/{key}"
         if rel is None:
-            return DataError(f"{where}: key would escape the target directory; refused")
+            return BadFile(where, "key would escape the target directory; refused")
         try:
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.prepare import (DataError, Record, conform, dataset_version, decode, folder_records,
+from diffusion.prepare import (BadFile, DataError, Record, conform, dataset_version, decode, folder_records,
                                packaged_records, prepare, split_of)
 
 
@@ -154,3 +154,77 @@ def test_failed_prepare_keeps_the_previous_output(tmp_path):
     with pytest.raises(DataError):
         prep([Record("bad.png", b"nope")], tmp_path / "out")
     assert dataset_version(tmp_path / "out") == good.version      # nothing stored was lost
+
+
+def test_reject_reasons_are_stable_text(tmp_path):
+    """PIL's messages carry object reprs with memory addresses; rejects.csv must not."""
+    records = [Record("a/junk.png", b"not an image at all"), *packaged_records("digits")]
+    one = prep(records, tmp_path / "one", bad_files="skip")
+    two = prep(records, tmp_path / "two", bad_files="skip")
+    text = (tmp_path / "one" / "rejects.csv").read_text()
+    assert text == (tmp_path / "two" / "rejects.csv").read_text() and one.version == two.version
+    assert "0x" not in text and "object at" not in text
+    assert text.splitlines()[1].startswith("a/junk.png,not a readable image (UnidentifiedImageError")
+    with pytest.raises(BadFile) as err:
+        decode(Record("x.png", b"junk"))
+    assert err.value.key == "x.png" and err.value.reason.startswith("not a readable image")
+
+
+def _same_tree(root):
+    """The same image files in ``root``: two classes, one unreadable file."""
+    make_folder(root, n_per_class=4)
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    return root
+
+
+def _output(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_same_files_in_two_folders_give_identical_bytes(tmp_path):
+    """The dataset version depends on the images, never on the folder they were read from."""
+    a = _same_tree(tmp_path / "first clone" / "images")
+    b = _same_tree(tmp_path / "elsewhere" / "deeper" / "imgs")
+    ra = prep(folder_records(a), tmp_path / "out-a", channels=3, bad_files="skip", source="folder",
+              origin=f"folder:{a}")
+    rb = prep(folder_records(b), tmp_path / "out-b", channels=3, bad_files="skip", source="folder",
+              origin=f"folder:{b}")
+    assert ra.version == rb.version and ra.rejects == 1
+    assert _output(tmp_path / "out-a") == _output(tmp_path / "out-b")
+    stats = (tmp_path / "out-a" / "stats.json").read_text()
+    assert str(tmp_path) not in stats and json.loads(stats)["source"] == "folder"
+    # fail policy: the same refusal (naming the file by its relative key) from both folders
+    errors = []
+    for root in (a, b):
+        with pytest.raises(DataError) as err:
+            prep(folder_records(root), tmp_path / "out-fail", channels=3, source="folder")
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and errors[0].startswith("cat/broken.png: not a readable image")
+    for root in (a, b):
+        (root / "cat" / "broken.png").unlink()
+    fa = prep(folder_records(a), tmp_path / "fail-a", channels=3, source="folder")
+    fb = prep(folder_records(b), tmp_path / "fail-b", channels=3, source="folder")
+    assert fa.version == fb.version and _output(tmp_path / "fail-a") == _output(tmp_path / "fail-b")
+
+
+def test_symlinked_directories_are_followed_inside_and_refused_outside(tmp_path):
+    root = make_folder(tmp_path / "imgs", n_per_class=2)
+    extra = make_folder(tmp_path / "store" / "bird", n_per_class=2, classes=("x",))
+    os.symlink(root / "cat", root / "kitten")                        # inside: followed
+    os.symlink(extra / "x", root / "bird")                           # outside: refused
+    os.symlink(root, root / "dog" / "loop")                          # a loop: refused
+    records = list(folder_records(root))
+    keys = sorted(r.key for r in records if isinstance(r, Record))
+    assert keys == ["cat/000.png", "cat/001.jpg", "dog/000.png", "dog/001.jpg",
+                    "kitten/000.png", "kitten/001.jpg"]
+    refused = {r.key: r.reason for r in records if isinstance(r, BadFile)}
+    assert set(refused) == {"bird/", "dog/loop/"}
+    assert "outside the source folder" in refused["bird/"] and "loop" in refused["dog/loop/"]
+    with pytest.raises(DataError, match=r"bird/: directory link resolves outside.*data.bad_files = 'fail'"):
+        prep(folder_records(root), tmp_path / "out", channels=3)
+    # under skip the refused links are listed in rejects.csv; kitten/ duplicates cat/ by content
+    # (validation reports that), but it was read, not skipped silently
+    result = prep(folder_records(root), tmp_path / "out", channels=3, bad_files="skip")
+    rejects = (tmp_path / "out" / "rejects.csv").read_text()
+    assert result.rejects == 2 and "bird/," in rejects and "dog/loop/," in rejects
+    assert str(tmp_path) not in rejects

@@ -62,7 +62,8 @@ def test_stage_reads_s3_from_params_without_leaking_credentials(tmp_path, bucket
         (out / "stats.json").read_text()
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in everything
     assert s3_env["AWS_ACCESS_KEY_ID"] not in everything
-    assert f"s3:s3://{bucket}/p" in (out / "stats.json").read_text()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["source"] == "s3" and bucket not in json.dumps(stats)   # the data, not its location
 
 
 def test_missing_bucket_and_empty_prefix(tmp_path, bucket):
@@ -83,9 +84,16 @@ def test_escaping_keys_are_refused(tmp_path, bucket):
     with pytest.raises(DataError, match=r"(evil|abs).png: key would escape the target directory"):
         prepare(s3_records(f"s3://{bucket}/d"), tmp_path / "out", resolution=8, channels=3,
                 heldout_fraction=0.5)
+    s3.put_object(Bucket=bucket, Key="d/cat/corrupt.png", Body=b"\x89PNG\r\n\x1a\nnot a png")
     result = prepare(s3_records(f"s3://{bucket}/d"), tmp_path / "out", resolution=8, channels=3,
                      heldout_fraction=0.5, bad_files="skip")
-    assert result.rejects == 2 and sum(result.counts.values()) == 1
+    assert result.rejects == 3 and sum(result.counts.values()) == 1
+    # each reject row keeps the object's whole key (an s3:// URI has a colon of its own)
+    rows = (tmp_path / "out" / "rejects.csv").read_text().splitlines()
+    keys = sorted(row.split(",", 1)[0] for row in rows[1:])
+    assert keys == sorted([f"s3://{bucket}/d//abs.png", f"s3://{bucket}/d/cat/../../evil.png",
+                           f"s3://{bucket}/d/cat/corrupt.png"])
+    assert "0x" not in "".join(rows)
     assert safe_relative_key("p/a/b.png", "p") == "a/b.png"
     assert safe_relative_key("p/../b.png", "p") is None and safe_relative_key("p//b.png", "p") is None
     assert safe_relative_key("pq/b.png", "p") is None and safe_relative_key("p/b.png", "p/") == "b.png"

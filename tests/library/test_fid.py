@@ -47,8 +47,40 @@ def test_identical_sets_and_singular_covariances():
     assert frechet_distance(s.mean, s.cov, s.mean, s.cov).value == pytest.approx(0, abs=1e-8)
     rank1 = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])           # rank-deficient covariances
     res = frechet_distance(np.zeros(3), rank1, np.zeros(3), np.zeros((3, 3)))
-    assert math.isfinite(res.value) and res.value == pytest.approx(np.trace(rank1), rel=1e-3)
+    # sqrtm of the zero product is finite (zero): the reference rule adds nothing, FID is exact
+    assert res.value == pytest.approx(np.trace(rank1), rel=1e-12) and res.notes == ()
+    # a product with no finite square root (nilpotent): eps on both diagonals, as pytorch-fid does
+    nil = np.array([[0.0, 1.0], [0.0, 0.0]])
+    res = frechet_distance(np.zeros(2), nil, np.zeros(2), np.eye(2))
     assert res.notes == ("product of covariances is singular; added 1e-06 to both diagonals",)
+    e = 1e-6
+    eig = np.linalg.eigvals((nil + e * np.eye(2)) @ (np.eye(2) + e * np.eye(2)))
+    assert res.value == pytest.approx(np.trace(nil) + 2 - 2 * np.sqrt(eig.astype(complex)).real.sum(),
+                                      rel=1e-6)
+
+
+def eigen_fid(mu1, s1, mu2, s2) -> float:
+    """An independent FID (torchmetrics' formulation): tr((S1 S2)^1/2) as the sum of the square
+    roots of the eigenvalues of S1 S2 (real and >= 0 for PSD S1, S2), in torch float64."""
+    m1, m2, a, b = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, mu2, s1, s2))
+    roots = torch.linalg.eigvals(a @ b).sqrt().real.sum()
+    return float((m1 - m2).square().sum() + a.trace() + b.trace() - 2 * roots)
+
+
+def test_rank_deficient_fid_matches_an_independent_implementation():
+    """Features with dead units (exact zeros, as ReLU features have): scipy warns that S1 S2 is
+    singular, but its root is finite, so nothing is added (pytorch-fid's rule) and FID equals the
+    eigenvalue formula. Adding eps on the warning moved FID by about 1e-4 relative."""
+    rng = np.random.default_rng(0)
+    a, b = np.zeros((40, 10)), np.zeros((40, 10))
+    a[:, :6] = rng.normal(size=(40, 6))                       # units 6..9 dead in the first set
+    b[:, 3:] = rng.normal(size=(40, 7)) + 0.5                 # units 0..2 dead in the second
+    sa, sb = FeatureStats(10), FeatureStats(10)
+    sa.update(a)
+    sb.update(b)
+    res = frechet_distance(sa.mean, sa.cov, sb.mean, sb.cov)
+    assert not any("added" in n for n in res.notes)
+    assert res.value == pytest.approx(eigen_fid(sa.mean, sa.cov, sb.mean, sb.cov), rel=1e-9)
 
 
 def test_streaming_statistics_equal_batch_statistics():

@@ -105,6 +105,28 @@ def test_respacing(schedule):
     assert torch.allclose(torch.cumprod(1 - short.betas, 0), schedule.alpha_bar[short.timesteps])
     with pytest.raises(ValueError, match=r"sampling steps must be in \[1, 1000\], got 0"):
         respace(schedule, 0)
+    # one step starts from pure noise at T - 1 and jumps straight to x0 (abar_prev = 1)
+    one = respace(schedule, 1)
+    assert one.timesteps.tolist() == [999] and one.alpha_bar_prev.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 20, 1000])
+def test_ddpm_last_step_returns_x0_exactly(schedule, steps):
+    """Ho et al. eq. 7 at the last step: coefficient 1 on x0 and 0 on x_t, exactly, in float32
+    (computing 1 - abar after a float32 cast gave 0.99947)."""
+    rs = respace(schedule, steps)
+    assert rs.posterior_mean_coef_x0[0].item() == 1.0 and rs.posterior_mean_coef_xt[0].item() == 0.0
+    gen = torch.Generator().manual_seed(0)
+    x0, xt = torch.randn(4, 1, 5, 5, generator=gen), torch.randn(4, 1, 5, 5, generator=gen)
+    assert torch.equal(ddpm_step(rs, 0, xt, x0, torch.zeros_like(xt)), x0)
+    # elsewhere the float64 coefficients equal eq. 7 from the full-precision schedule
+    if steps > 2:
+        i = steps // 2
+        ab, abp = rs.alpha_bar[i].item(), rs.alpha_bar_prev[i].item()
+        beta = 1 - ab / abp
+        assert rs.posterior_mean_coef_x0[i].item() == pytest.approx(abp ** 0.5 * beta / (1 - ab), rel=1e-12)
+        assert rs.posterior_mean_coef_xt[i].item() == pytest.approx(
+            (1 - beta) ** 0.5 * (1 - abp) / (1 - ab), rel=1e-12)
 
 
 def test_ddim_eta_one_has_ddpm_posterior_variance(schedule):

@@ -209,8 +209,11 @@ def test_checkpoint_files_are_safe(tmp_path, digits):
             return (os.system, ("echo pwned",))
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"format": "x", "payload": Evil()}, protocol=2))
-    with pytest.raises(CheckpointError, match="evil.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="evil.pt: not a readable checkpoint") as refused:
         load_checkpoint(evil)
+    message = str(refused.value)     # names what was refused, never advises turning safety off
+    assert "refused to load the pickled global posix.system" in message
+    assert "weights_only" not in message and "will likely succeed" not in message
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="other.pt: not a ddpm-pipeline/checkpoint-v1 checkpoint"):
