@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from diffusion.fid import FeatureStats, frechet_distance, kernel_inception_dista
 from diffusion.grid import save_grid
 from diffusion.prepare import dataset_version
 from diffusion.quality import classifier_quality
-from diffusion.sampling import load_generator, sample
+from diffusion.sampling import load_generator, resolve_sampling_precision, sample
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,25 @@ def fid_against(features: np.ndarray, ref: Reference, kid_subset: int) -> dict[s
 
 
 def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *,
-             progress: bool = True, device: str | torch.device = "cpu") -> dict:
+             progress: bool = True, device: str | torch.device = "cpu",
+             on_setup: Callable[[dict], None] | None = None) -> dict:
     """FID / KID over ``evaluate.fid_seeds`` seeds of ``evaluate.fid_samples`` images, the
-    real-vs-real floor, a metrics JSON and a fixed-seed sample grid."""
+    real-vs-real floor, a metrics JSON and a fixed-seed sample grid. ``evaluate.precision`` is
+    resolved once for this device; ``on_setup`` receives the choice and its reason (with
+    ``progress`` and no callback, it is printed)."""
     ev = cfg.evaluate
     model, schedule, trained_cfg, ckpt = load_generator(checkpoint, device)
+    choice = resolve_sampling_precision(
+        model, ev.precision, channels=trained_cfg.data.channels,
+        resolution=trained_cfg.data.resolution, batch_size=min(ev.batch_size, ev.fid_samples),
+        guided=bool(trained_cfg.model.num_classes) and ev.guidance_scale != 1.0, device=device)
+    setup = {"precision": choice.precision, "precision_requested": choice.requested,
+             "precision_reason": choice.reason, "precision_warning": choice.warning}
+    if on_setup is not None:
+        on_setup(setup)
+    elif progress:
+        print(f"sampling precision {choice.precision} ({choice.reason})"
+              + (f"\nwarning: {choice.warning}" if choice.warning else ""), file=sys.stderr)
     prepared = Path(cfg.data.prepared_dir)
     version = dataset_version(prepared)
     train_ref, hit = reference_stats(ev.reference_cache, load_prepared(prepared, "train"), extractor,
@@ -106,7 +122,7 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
                         eta=ev.eta, target=trained_cfg.diffusion.target, seed=ev.seed + k * 1_000_003,
                         labels=labels, guidance_scale=ev.guidance_scale, clip_denoised=ev.clip_denoised,
                         batch_size=ev.batch_size, device=device, progress=progress,
-                        precision=ev.precision)
+                        precision=choice.precision)
         sampling_seconds += time.perf_counter() - clock
         if k == 0:
             save_grid(images[:min(n, 100)], ev.grid_path)
@@ -127,7 +143,7 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
         "extractor": extractor.name, "extractor_sha256": extractor.sha256,
         "dataset_version": version, "reference_cache_hit": hit,
         "notes": sorted({n for r in per_seed + [floor] for n in r["notes"]}),
-        "precision": ev.precision, "sampling_seconds": sampling_seconds,
+        **setup, "sampling_seconds": sampling_seconds,
         "sampling_img_per_s": ev.fid_seeds * ev.fid_samples / max(sampling_seconds, 1e-9),
     }
     if probabilities:    # over all seeds' samples together

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from diffusion.checkpoint import CheckpointError, save_atomic
 from diffusion.data import ImageSet
+from diffusion.progress import progress_bar
 
 CLASSIFIER_FORMAT = "ddpm-pipeline/domain-classifier-v1"
 
@@ -99,7 +99,7 @@ def train_classifier(train: ImageSet, heldout: ImageSet, *, epochs: int = 12, ba
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(train.labels) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    bar = tqdm(total=steps, desc="extractor", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc="extractor", unit="step", enabled=progress, leave=False)
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(train.labels), generator=g)

@@ -13,16 +13,16 @@ from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from diffusion.checkpoint import checkpoint_config, load_checkpoint
 from diffusion.config import Config
+from diffusion.hardware import AUTOCAST_DTYPES, PRECISIONS, PrecisionChoice, resolve_precision
+from diffusion.progress import progress_bar
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
 
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLERS = ("ddpm", "ddim")
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,40 @@ def _predict(model: nn.Module, schedule: NoiseSchedule, rs: RespacedSchedule, i:
     return x0, eps
 
 
+def resolve_sampling_precision(model: nn.Module, requested: str, *, channels: int, resolution: int,
+                               batch_size: int, guided: bool, device: torch.device | str = "cpu",
+                               what: str = "evaluate.precision") -> PrecisionChoice:
+    """``requested`` (auto | fp32 | bf16 | fp16) for sampling with ``model`` on ``device``: the
+    probe, where one is needed, times the network's forward pass at the sampling batch (doubled
+    under guidance, as :func:`_predict` batches both branches)."""
+    device = torch.device(device)
+    batch = batch_size * (2 if guided else 1)
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn((batch, channels, resolution, resolution), generator=g, device=device)
+    t = torch.randint(0, 1000, (batch,), generator=g, device=device)
+    conditional = getattr(model, "class_emb", None) is not None
+    labels = torch.zeros(batch, dtype=torch.long, device=device) if conditional else None
+
+    @torch.no_grad()
+    def forward(dtype: torch.dtype | None) -> int:
+        was_training = model.training
+        model.eval()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            model(x, t, labels) if labels is not None else model(x, t)
+        model.train(was_training)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return batch
+    shape = {"work": "sample", "network": _network_signature(model), "image": [channels, resolution],
+             "batch": batch}
+    return resolve_precision(requested, device, shape=shape, workload=forward, what=what)
+
+
+def _network_signature(model: nn.Module) -> list:
+    """What the probe's timing depends on: parameter shapes (identifies the architecture)."""
+    return [list(p.shape) for p in model.parameters()]
+
+
 def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str
            ) -> torch.Tensor:
     """One standard-normal draw per sample from its own generator: (B, *shape)."""
@@ -133,22 +167,27 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
     """Generate ``num_images`` images (N, C, H, W) in [-1, 1] (unclipped at the last step if
     ``clip_denoised`` is off). ``labels`` (N,) selects classes for a conditional model; guidance
     needs a model with ``null_class``. ``precision`` "bf16"/"fp16" runs the network under
-    autocast (the update rule stays float32)."""
+    autocast (the update rule stays float32); "auto" resolves by :mod:`diffusion.hardware`."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     if labels is not None and labels.shape != (num_images,):
         raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    amp = PRECISIONS[precision]
+    if precision == "auto":
+        precision = resolve_sampling_precision(
+            model, precision, channels=channels, resolution=resolution,
+            batch_size=min(batch_size, num_images), device=device,
+            guided=labels is not None and guidance_scale != 1.0).precision
+    amp = AUTOCAST_DTYPES[precision]
     rs = respace(schedule, steps)
     was_training = model.training
     model.eval()
     gens = [torch.Generator().manual_seed(seed + j) for j in range(num_images)]
     shape = (channels, resolution, resolution)
     out = []
-    bar = tqdm(total=num_images * steps, desc=f"sampling ({sampler}-{steps})", unit="step",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=num_images * steps, desc=f"sampling ({sampler}-{steps})", unit="img-step",
+                       enabled=progress, leave=False)
     for start in range(0, num_images, batch_size):
         batch_gens = gens[start:start + batch_size]
         x = _noise(batch_gens, shape, device)

@@ -9,8 +9,10 @@ sees. Dropout uses the global RNG, whose state the checkpoint keeps.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
 from diffusion.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
 from diffusion.config import Config, ConfigError, EvaluateConfig, ExtractorConfig, RayConfig, TrackingConfig
 from diffusion.data import ImageSet, to_model_range
 from diffusion.ema import EMA
+from diffusion.hardware import AUTOCAST_DTYPES, PrecisionChoice, device_description, resolve_precision
 from diffusion.losses import DiffusionLoss, UniformTimestepSampler
+from diffusion.progress import progress_bar
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
 
@@ -67,14 +70,6 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = 'cuda': no CUDA device is available here")
     return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision = 'fp16': needs a CUDA device; use 'bf16' or 'fp32' on CPU")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
@@ -151,6 +146,8 @@ class TrainState:
     scaler: torch.amp.GradScaler
     step: int = 0
     train_seconds: float = 0.0      # wall-clock spent in the training loop, over all resumes
+    precision: str = "fp32"         # resolved autocast precision (train() resolves "auto")
+    hardware: dict = field(default_factory=dict)   # device and precision choices, with reasons
 
 
 def build_state(cfg: Config, device: torch.device, num_classes_in_data: int) -> TrainState:
@@ -164,8 +161,10 @@ def build_state(cfg: Config, device: torch.device, num_classes_in_data: int) -> 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
                                   betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                   weight_decay=cfg.train.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    return TrainState(model, EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup), optimizer, scaler)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")  # auto: never fp16
+    precision = cfg.train.precision if cfg.train.precision != "auto" else "fp32"   # until resolved
+    return TrainState(model, EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup), optimizer, scaler,
+                      precision=precision)
 
 
 def train_step(state: TrainState, net: nn.Module, loss_fn: DiffusionLoss, micro_batches: list[MicroBatch],
@@ -175,7 +174,7 @@ def train_step(state: TrainState, net: nn.Module, loss_fn: DiffusionLoss, micro_
     tensors (no host sync): mean loss and the pre-clipping global grad norm."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(state.step, cfg.train.lr, cfg.train.warmup_steps)
-    amp = autocast_dtype(cfg.train.precision, device)
+    amp = AUTOCAST_DTYPES[state.precision]
     ddp = getattr(net, "_orig_mod", net)          # a compiled module wraps the DDP one
     total = torch.zeros((), device=device)
     for i, mb in enumerate(micro_batches):
@@ -199,6 +198,50 @@ def train_step(state: TrainState, net: nn.Module, loss_fn: DiffusionLoss, micro_
     return {"loss": total, "grad_norm": grad_norm.detach()}
 
 
+def _probe_workload(model: UNet, loss_fn: DiffusionLoss, cfg: Config, device: torch.device,
+                    null_class: int | None):
+    """One forward + backward of a copy of the network at the local batch, on random data, for
+    the precision probe (the model, the optimizer and the global RNG are left untouched)."""
+    probe = copy.deepcopy(model)
+    b, c, r = cfg.train.batch_size, cfg.data.channels, cfg.data.resolution
+    g = torch.Generator(device).manual_seed(0)
+    x0 = torch.rand((b, c, r, r), generator=g, device=device) * 2 - 1
+    t = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=g, device=device)
+    noise = torch.randn((b, c, r, r), generator=g, device=device)
+    labels = (torch.randint(0, cfg.model.num_classes, (b,), generator=g, device=device)
+              if null_class is not None else None)
+    weights = torch.ones(b, device=device)
+
+    def run(dtype: torch.dtype | None) -> int:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(probe, x0, t, noise, weights, labels).mean()
+            loss.backward()
+        probe.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return b
+    return run
+
+
+def resolve_training_precision(state: TrainState, loss_fn: DiffusionLoss, cfg: Config,
+                               device: torch.device, ctx: DistContext) -> PrecisionChoice:
+    """``train.precision`` for this device (see :mod:`diffusion.hardware`); under DDP the ranks
+    agree (bf16 only where every rank chose it), so all run the same arithmetic."""
+    null_class = state.model.null_class if cfg.model.num_classes else None
+    shape = {"work": "train", "model": dataclasses.asdict(cfg.model), "target": cfg.diffusion.target,
+             "image": [cfg.data.channels, cfg.data.resolution], "batch": cfg.train.batch_size}
+    choice = resolve_precision(cfg.train.precision, device, shape=shape, what="train.precision",
+                               workload=_probe_workload(state.model, loss_fn, cfg, device, null_class))
+    if cfg.train.precision == "auto" and ctx.world_size > 1:
+        agreed = torch.tensor([1.0 if choice.precision == "bf16" else 0.0], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if choice.precision == "bf16" and not bool(agreed.item()):
+            choice = dataclasses.replace(choice, precision="fp32",
+                                         reason=choice.reason + "; another rank chose fp32, so all do")
+    return choice
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def _rng_state() -> dict[str, Any]:
@@ -220,6 +263,7 @@ def save_training_checkpoint(state: TrainState, cfg: Config, path: Path) -> Path
         "scaler": state.scaler.state_dict(),
         "rng": _rng_state(),
         "train_seconds": state.train_seconds,
+        "hardware": json.dumps(state.hardware, sort_keys=True),
     }, path)
 
 
@@ -260,10 +304,12 @@ class TrainResult:
     state: TrainState | None = field(default=None, repr=False)   # live model, EMA and optimizer
     stopped_by: str = "steps"       # "steps" (train.steps reached) or "budget" (train.budget_minutes)
     train_seconds: float = 0.0      # training-loop wall clock over all resumes
+    hardware: dict = field(default_factory=dict)   # resolved device / precision choices and why
 
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CheckpointCallback = Callable[[int, Path], None]
+SetupCallback = Callable[[dict], None]
 
 
 class _Budget:
@@ -330,12 +376,16 @@ class _Monitor:
 
 def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = True,
           on_metrics: MetricsCallback | None = None,
-          on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
+          on_checkpoint: CheckpointCallback | None = None,
+          on_setup: SetupCallback | None = None) -> TrainResult:
     """Train to ``cfg.train.steps`` optimizer steps or until ``cfg.train.budget_minutes`` of
     training wall clock (counted over resumes) are spent, whichever comes first, resuming from
     ``out_dir/checkpoint.pt`` (with ``resume=False`` an existing checkpoint is an error, never
     overwritten). Either way the last step is checkpointed with its EMA weights.
     ``on_checkpoint(step, path)`` runs on every rank after each checkpoint (rank 0 wrote it).
+    ``on_setup(hardware)`` runs once on every rank before the first step with the resolved
+    device and precision (``train.precision: auto``) and the reasons; with ``progress`` and no
+    callback, rank 0 prints them.
 
     Works single-process and inside an initialized process group (DDP); only rank 0 writes.
     """
@@ -371,11 +421,24 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
     schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
     loss_fn = DiffusionLoss(schedule, cfg.diffusion.target, cfg.diffusion.loss_weighting,
                             cfg.diffusion.min_snr_gamma)
+    choice = resolve_training_precision(state, loss_fn, cfg, device, ctx)
+    state.precision = choice.precision
+    state.hardware = {"device": device.type, "device_description": device_description(device),
+                      "threads": torch.get_num_threads(), "world_size": ctx.world_size,
+                      "precision": choice.precision, "precision_requested": choice.requested,
+                      "precision_reason": choice.reason, "precision_warning": choice.warning,
+                      "precision_measured": choice.measured}
+    if on_setup is not None:
+        on_setup(dict(state.hardware))
+    elif progress and ctx.is_main:
+        print(f"device: {state.hardware['device_description']}; precision {choice.precision} "
+              f"({choice.reason})" + (f"\nwarning: {choice.warning}" if choice.warning else ""),
+              file=sys.stderr)
     plan = BatchPlan(data, cfg, ctx, device, state.model.null_class if cfg.model.num_classes else None)
     monitor = _Monitor(device, ctx, plan.step_size)
     history: list[dict[str, float]] = []
-    bar = tqdm(total=cfg.train.steps, initial=state.step, desc="training", unit="step",
-               disable=not (progress and ctx.is_main))
+    bar = progress_bar(total=cfg.train.steps, initial=state.step, desc="training", unit="step",
+                       enabled=progress and ctx.is_main)
     budget = _Budget(cfg.train.budget_minutes, state.train_seconds, ctx, device)
     out_of_time = budget.exhausted(state.step)        # a resumed run may have spent it already
     while state.step < cfg.train.steps and not out_of_time:
@@ -389,6 +452,7 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
         if state.step % cfg.train.log_every == 0 or done:
             monitor.check_finite(ckpt_path, last_good)
             metrics = monitor.report(state.step, out, lr_at(step, cfg.train.lr, cfg.train.warmup_steps))
+            metrics["train_loop_seconds"] = round(state.train_seconds, 3)   # counts over resumes
             history.append({"step": state.step, **metrics})
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
             if ctx.is_main:
@@ -413,7 +477,7 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
         print(f"training budget of {cfg.train.budget_minutes:g} min reached at step {state.step} "
               f"of {cfg.train.steps} ({state.train_seconds:.0f} s of training)")
     return TrainResult(state.step, ckpt_path, time.perf_counter() - started, history, resumed_from,
-                       state, stopped_by, state.train_seconds)
+                       state, stopped_by, state.train_seconds, dict(state.hardware))
 
 
 def _append_metrics(path: Path, row: dict[str, float]) -> None:

@@ -8,9 +8,12 @@ unchanged inputs skips finished work (the task ends ``Cached``); ``force=True`` 
 the DVC push retries (remote I/O). A failing task fails the flow with the stage named; nothing is
 registered after a failure. Run it:
 
-    python -m flows.pipeline [--params params.yaml] [section.key=value ...] [--force]
+    python -m flows.pipeline [--params params.yaml] [section.key=value ...] [--force] [--verbose]
 
 (ephemeral Prefect when no ``PREFECT_API_URL`` is set), or as a deployment, see ``flows/serve.py``.
+The console shows one line per stage as it starts and ends, the resolved hardware, one training
+progress display and the summary; Prefect's, Ray's and MLflow's own output goes to the log file
+named on the first line (``--verbose`` keeps it all on the console instead).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from typing import Any
 # no usage reporting from offline machines (it also contends for the ephemeral server's SQLite)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# On a machine that never ran Prefect, the ephemeral server first creates and migrates its
+# SQLite database under PREFECT_HOME: on 2 cores that outlasts Prefect's default 20 s allowance.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -35,6 +41,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from diffusion.config import Config, config_from_dict, load_config
 from flows import stages
+from flows.console import console, quiet_console
 
 FLOW_NAME = "ddpm-pipeline"
 
@@ -125,25 +132,37 @@ def dvc_push_task() -> str:
 @task(name="extractor", cache_key_fn=_key("extractor", ("data", "extractor")),
       persist_result=True)
 def extractor_task(cfg: dict, dataset_version: str) -> dict:
-    return _stage("extractor", stages.extractor_stage, _cfg(cfg), progress=False)
+    return _stage("extractor", stages.extractor_stage, _cfg(cfg), progress=console().interactive)
 
 
 @task(name="train", cache_key_fn=_key("train", _TRAIN_KEYS),
       persist_result=True)
 def train_task(cfg: dict, dataset_version: str, flow_run_id: str) -> dict:
-    return _stage("train", stages.train_stage, _cfg(cfg), progress=False,
+    return _stage("train", stages.train_stage, _cfg(cfg), progress=True,
                   tags={"prefect_flow_run_id": flow_run_id})
 
 
 @task(name="evaluate", cache_key_fn=_key("evaluate", _EVAL_KEYS),
       persist_result=True)
 def evaluate_task(cfg: dict, dataset_version: str, train_run: str) -> dict:
-    return _stage("evaluate", stages.evaluate_stage, _cfg(cfg), progress=False)
+    return _stage("evaluate", stages.evaluate_stage, _cfg(cfg), progress=console().interactive)
 
 
 @task(name="register", cache_key_fn=_key("register", _REGISTER_KEYS), persist_result=True)
 def register_task(cfg: dict, dataset_version: str, train_run: str, flow_run_id: str) -> dict:
     return _stage("register", stages.register_stage, _cfg(cfg), flow_run_id=flow_run_id)
+
+
+def _run(name: str, task_fn, *args, detail=None):
+    """Run one task between a console line as it starts and one as it ends (with its time, or
+    "cached" when Prefect reused the result); a failure prints its cause and fails the flow."""
+    with console().stage(name) as info:
+        state = task_fn(*args, return_state=True)
+        result = state.result()              # raises the task's error when it failed
+        info["cached"] = state.name == "Cached"
+        if detail is not None:
+            info["detail"] = detail(result)
+    return result
 
 
 def _ui_links(reg: dict) -> tuple[str, str]:
@@ -179,23 +198,33 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
     c = cfg.to_dict()
     run_id = str(flow_run.id or "none")
 
-    data = prepare_task(c)
+    data = _run("prepare", prepare_task, c, detail=lambda r: (
+        f"dataset {r['dataset_version'][:12]} ({r['counts']['train']} train, "
+        f"{r['counts']['heldout']} held-out images, {r['rejects']} rejected)"))
     version = data["dataset_version"]
     logger.info("dataset version %s (%s)", version, data["counts"])
-    validate_task(c)
-    dvc_state = dvc_commit_task()
-    if push and dvc_state == "committed":
-        dvc_state = dvc_push_task()
+    _run("validate", validate_task, c, detail=lambda r: f"{r['rows']} records valid")
+    with console().stage("dvc") as info:
+        dvc_state = dvc_commit_task()
+        if push and dvc_state == "committed":
+            dvc_state = dvc_push_task()
+        info["detail"] = dvc_state
     t0 = time.perf_counter()
     out_dir = Path(cfg.train.out_dir)
-    extractor_task.with_options(**_refresh(force, cfg.extractor.path))(c, version)
-    trained = train_task.with_options(**_refresh(force, out_dir / "checkpoint.pt", out_dir / "run.json"))(
-        c, version, run_id)
+    _run("extractor", extractor_task.with_options(**_refresh(force, cfg.extractor.path)), c, version,
+         detail=lambda r: f"held-out accuracy {r['heldout_accuracy']:.1%}" if "heldout_accuracy" in r
+         else r.get("extractor", ""))
+    trained = _run("train", train_task.with_options(
+        **_refresh(force, out_dir / "checkpoint.pt", out_dir / "run.json")), c, version, run_id,
+        detail=lambda r: f"{r['step']} steps, ended by {r.get('stopped_by', 'steps')}")
     train_seconds = time.perf_counter() - t0
-    metrics = evaluate_task.with_options(**_refresh(force, cfg.evaluate.metrics_path))(
-        c, version, trained["mlflow_run_id"])
-    reg = register_task.with_options(**_refresh(force, stages.registry_path(cfg)))(
-        c, version, trained["mlflow_run_id"], run_id)
+    metrics = _run("evaluate", evaluate_task.with_options(**_refresh(force, cfg.evaluate.metrics_path)),
+                   c, version, trained["mlflow_run_id"], detail=lambda m: (
+                       f"FID {m['fid']:.2f} ± {m['fid_std']:.2f} (floor {m['floor_fid']:.2f})"
+                       + (f", {m['confident_share']:.1%} recognised" if "confident_share" in m else "")))
+    reg = _run("register", register_task.with_options(**_refresh(force, stages.registry_path(cfg))),
+               c, version, trained["mlflow_run_id"], run_id,
+               detail=lambda r: f"{r['name']} version {r['version']} -> {r['alias']}")
 
     mlflow_ui, prefect_ui = _ui_links(reg)
     per_seed = metrics.get("fid_per_seed", [])
@@ -238,26 +267,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--force", action="store_true", help="ignore cached task results")
     parser.add_argument("--no-push", action="store_true", help="do not push data to the DVC remote")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Prefect's, Ray's and MLflow's own output on the console")
+    parser.add_argument("--log-dir", default="runs/logs", help="where the run's log file goes")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
-    state = ddpm_pipeline(args.params, args.overrides, force=args.force, push=not args.no_push,
-                          return_state=True)
+    if args.verbose:
+        return _main(args)
+    log_path = Path(args.log_dir) / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with quiet_console(log_path, restore=False) as out:
+        out.line(f"{FLOW_NAME}: library output goes to {log_path}")
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    out = console()
+    from prefect.settings import PREFECT_API_URL
+    api = PREFECT_API_URL.value()
+    out.line(f"Prefect: {api}" if api else "Prefect: starting a temporary API server "
+             "(the first run on a machine also creates its database)")
+    try:
+        state = ddpm_pipeline(args.params, args.overrides, force=args.force, push=not args.no_push,
+                              return_state=True)
+    except Exception as exc:      # Prefect itself could not start, or the parameters were refused
+        out.error(f"{FLOW_NAME} could not run: {type(exc).__name__}: {str(exc)[:2000]}")
+        return 1
     if not state.is_completed():
-        print(f"error: {FLOW_NAME} ended {state.name}: {state.message}", file=sys.stderr)
+        out.error(f"{FLOW_NAME} ended {state.name}: {state.message}")
         return 1
     s = state.result()
     mlflow_ui, prefect_ui = _ui_links(s)
-    print(f"\n{FLOW_NAME} finished in {s['seconds']:.0f} s\n"
-          f"  dataset version : {s['dataset_version']}\n"
-          f"  training        : {s['train_step']} steps, ended by {s['stopped_by']}\n"
-          f"  FID             : {s['fid']:.3f} ± {s['fid_std']:.3f} (real-vs-real floor {s['floor_fid']:.3f})\n"
-          + (f"  recognised      : {s['confident_share']:.1%} of samples (classifier p >= 0.9), class "
-             f"entropy {s['class_entropy_ratio']:.3f} of max, label agreement "
-             f"{s.get('label_agreement', float('nan')):.1%}\n" if "confident_share" in s else "") +
-          f"  registered      : {s['model']} version {s['version']} -> alias '{s['alias']}'\n"
-          f"  decision        : {s['reason']}\n"
-          f"  MLflow UI       : {mlflow_ui}\n"
-          f"  Prefect UI      : {prefect_ui}")
+    out.line(f"\n{FLOW_NAME} finished in {s['seconds']:.0f} s\n"
+             f"  dataset version : {s['dataset_version']}\n"
+             f"  training        : {s['train_step']} steps, ended by {s['stopped_by']}\n"
+             f"  FID             : {s['fid']:.3f} ± {s['fid_std']:.3f} (real-vs-real floor {s['floor_fid']:.3f})\n"
+             + (f"  recognised      : {s['confident_share']:.1%} of samples (classifier p >= 0.9), class "
+                f"entropy {s['class_entropy_ratio']:.3f} of max, label agreement "
+                f"{s.get('label_agreement', float('nan')):.1%}\n" if "confident_share" in s else "") +
+             f"  registered      : {s['model']} version {s['version']} -> alias '{s['alias']}'\n"
+             f"  decision        : {s['reason']}\n"
+             f"  MLflow UI       : {mlflow_ui}\n"
+             f"  Prefect UI      : {prefect_ui}")
     return 0
 
 

@@ -7,16 +7,24 @@ train.batch_size x train.grad_accum x ray.num_workers. Checkpoints go through
 ``ray.train.report`` into ``ray.storage_path/<ray.run_name>-<config hash>``; a restarted worker
 group resumes from ``ray.train.get_checkpoint()``, and re-running the same configuration under the
 same run name continues the run.
+
+Progress: rank 0's resolved hardware choices and its metrics travel to the driver through a Ray
+queue actor (reachable from any node), and a driver thread hands them to ``on_event``: the
+driver shows one progress display, whatever the number of workers, and worker output stays in
+Ray's logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
 import ray.train
@@ -63,15 +71,20 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and config.get("mlflow"):          # only rank 0 talks to MLflow
         from flows.tracking import TrainingTracker
         tracker = TrainingTracker(cfg, config["mlflow"]["uri"], config["mlflow"]["run_id"])
+    events = config.get("events") if rank == 0 else None
+
+    def emit(event: dict) -> None:
+        if events is not None:
+            try:
+                events.put_nowait(event)
+            except Exception:   # noqa: BLE001 - the display is best effort, training is not
+                pass
 
     def on_metrics(step: int, metrics: dict) -> None:
         last_metrics.update(metrics, step=step)
         if tracker is not None:
             tracker.on_metrics(step, metrics)
-        if rank == 0:              # progress on the driver's console (Ray forwards worker output)
-            print(f"train step {step}/{cfg.train.steps}: loss {metrics['loss']:.4f}, "
-                  f"{metrics['img_per_s']:.0f} img/s over "
-                  f"{ctx.get_world_size()} workers", flush=True)
+        emit({"kind": "metrics", "step": step, **metrics})
 
     def on_checkpoint(step: int, path: Path) -> None:
         if tracker is not None:
@@ -85,7 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     try:
         result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
-                       on_checkpoint=on_checkpoint)
+                       on_checkpoint=on_checkpoint, on_setup=lambda hw: emit({"kind": "setup", **hw}))
     finally:
         if tracker is not None:
             tracker.close()
@@ -115,6 +128,47 @@ def ray_run_name(cfg: Config) -> str:
     return f"{cfg.ray.run_name}-{cfg.hash(exclude=RESUMABLE_KEYS)[:8]}"
 
 
+class EventRelay:
+    """A Ray queue actor that rank 0 puts events into, and a driver thread that hands each to
+    ``on_event`` (errors there are the display's, never the training's)."""
+
+    def __init__(self, on_event: Callable[[dict], None]) -> None:
+        from ray.util.queue import Queue
+        self.queue = Queue(actor_options={"num_cpus": 0})      # never takes a worker's CPU
+        self.on_event = on_event
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="ray-train-events", daemon=True)
+        self._thread.start()
+
+    def _deliver(self, event: dict) -> None:
+        try:
+            self.on_event(event)
+        except Exception:   # noqa: BLE001 - a display error must not stop the relay
+            pass
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+        while not self._stop.is_set():
+            try:
+                event = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:   # noqa: BLE001 - the queue actor is gone (cluster shut down)
+                return
+            self._deliver(event)
+
+    def close(self) -> None:
+        """Deliver what is left, then remove the queue actor."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            for event in self.queue.get_nowait_batch(self.queue.qsize()):
+                self._deliver(event)
+            ray.kill(self.queue.actor)
+        except Exception:   # noqa: BLE001 - already gone with the cluster
+            pass
+
+
 @dataclass(frozen=True)
 class RayTrainResult:
     checkpoint: Path          # copied to train.out_dir/checkpoint.pt for the evaluate stage
@@ -124,27 +178,37 @@ class RayTrainResult:
     ray_checkpoint: str       # where Ray keeps it (local path or s3:// URI)
     train_seconds: float      # training-loop wall clock over all attempts (train.budget_minutes)
     stopped_by: str           # "steps" or "budget"
+    hardware: dict            # the workers' resolved device and precision, with the reasons
 
 
-def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> RayTrainResult:
+def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
+              on_event: Callable[[dict], None] | None = None) -> RayTrainResult:
     """Run DDP training on Ray and copy the final checkpoint to ``train.out_dir``. With
-    ``mlflow_run = (tracking URI, run id)``, rank 0 logs metrics and sample grids to that run."""
+    ``mlflow_run = (tracking URI, run id)``, rank 0 logs metrics and sample grids to that run;
+    ``on_event`` receives rank 0's ``{"kind": "setup", ...}`` (resolved hardware) and
+    ``{"kind": "metrics", "step": ..., ...}`` events on the driver."""
     init_ray()
     r = cfg.ray
     run_name = ray_run_name(cfg)
     storage = r.storage_path if "://" in r.storage_path else str(Path(r.storage_path).absolute())
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    relay = EventRelay(on_event) if on_event is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": _absolute(cfg).to_dict(),
-                           "mlflow": {"uri": mlflow_run[0], "run_id": mlflow_run[1]} if mlflow_run else None},
+                           "mlflow": {"uri": mlflow_run[0], "run_id": mlflow_run[1]} if mlflow_run else None,
+                           "events": relay.queue if relay else None},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=r.max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if relay is not None:
+            relay.close()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray run {run_name!r} reported no checkpoint")
     out = Path(cfg.train.out_dir)
@@ -157,4 +221,5 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> RayTrai
     step = int(final["step"])
     return RayTrainResult(out / CHECKPOINT_NAME, run_name, step, dict(result.metrics or {}),
                           result.checkpoint.path, float(final.get("train_seconds", 0.0)),
-                          "steps" if step >= cfg.train.steps else "budget")
+                          "steps" if step >= cfg.train.steps else "budget",
+                          json.loads(final.get("hardware") or "{}"))

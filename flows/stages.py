@@ -71,10 +71,12 @@ def load_extractor(cfg: Config) -> FeatureExtractor:
 
 def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None = None) -> dict:
     """Train (Ray Train DDP, or in-process with ``ray.enabled = false``) inside an MLflow run;
-    writes ``train.out_dir/run.json`` for the register stage and returns the same summary."""
+    writes ``train.out_dir/run.json`` for the register stage and returns the same summary. The
+    console shows the workers' resolved hardware and one progress display (``progress``)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    from flows.tracking import TrainingTracker, client_for, start_training_run
+    from flows.console import TrainingProgress, console
+    from flows.tracking import TrainingTracker, client_for, log_hardware, start_training_run
     started = time.perf_counter()
     ray_name = "none"
     if cfg.ray.enabled:                       # ray is imported only when it trains
@@ -90,20 +92,38 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
         monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_every,
                                        tracking_uri=uri)
         monitor.start()
+    display = TrainingProgress(console(), cfg.train.steps, cfg.train.budget_minutes) if progress else None
+
+    def on_setup(hardware: dict) -> None:
+        if progress:
+            console().hardware("train", hardware)
+
+    def on_event(event: dict) -> None:              # relayed from rank 0 of the Ray workers
+        kind = event.pop("kind", "")
+        if kind == "setup":
+            on_setup(event)
+        elif kind == "metrics" and display is not None:
+            display.update(event.pop("step"), event)
+
     try:
         if cfg.ray.enabled:
-            r = ray_train(cfg, (uri, run_id))
-            step, checkpoint = r.step, r.checkpoint
+            r = ray_train(cfg, (uri, run_id), on_event=on_event)
+            step, checkpoint, hardware = r.step, r.checkpoint, r.hardware
             extra = {**{k: r.metrics.get(k) for k in ("resumed_from", "world_size")},
                      "stopped_by": r.stopped_by, "train_loop_seconds": round(r.train_seconds, 2)}
         else:
             tracker = TrainingTracker(cfg, uri, run_id)
+
+            def on_metrics(step: int, metrics: dict) -> None:
+                tracker.on_metrics(step, metrics)
+                if display is not None:
+                    display.update(step, metrics)
             try:
-                t = train(cfg, load_dataset(cfg.data), progress=progress,
-                          on_metrics=tracker.on_metrics, on_checkpoint=tracker.on_checkpoint)
+                t = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
+                          on_checkpoint=tracker.on_checkpoint, on_setup=on_setup)
             finally:
                 tracker.close()
-            step, checkpoint = t.step, t.checkpoint
+            step, checkpoint, hardware = t.step, t.checkpoint, t.hardware
             extra = {"resumed_from": t.resumed_from, "world_size": 1, "stopped_by": t.stopped_by,
                      "train_loop_seconds": round(t.train_seconds, 2)}
     except BaseException:
@@ -112,22 +132,25 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
     finally:
         if monitor is not None:
             monitor.finish()
+        if display is not None:
+            display.close()
     seconds = time.perf_counter() - started
     client.log_metric(run_id, "train_seconds", seconds, step=step)
     client.log_metric(run_id, "train_loop_seconds", extra["train_loop_seconds"], step=step)
     client.set_tag(run_id, "stopped_by", extra["stopped_by"])
+    log_hardware(client, run_id, "train", hardware)
     client.set_terminated(run_id, "FINISHED")
     info = {"step": step, "checkpoint": str(checkpoint), "mlflow_run_id": run_id,
             "tracking_uri": uri, "ray_run_name": ray_name,
-            "seconds": round(seconds, 2), **extra}
+            "seconds": round(seconds, 2), **extra, "hardware": hardware}
     (Path(cfg.train.out_dir) / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
 def evaluate_stage(cfg: Config, progress: bool = True) -> dict:
-    from pathlib import Path
+    from flows.console import console
     return evaluate(Path(cfg.train.out_dir) / "checkpoint.pt", cfg, load_extractor(cfg),
-                    progress=progress)
+                    progress=progress, on_setup=lambda s: console().hardware("sampling", s))
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -192,6 +192,23 @@ class TrainingTracker:
         self.buffer.flush()
 
 
+def log_hardware(client: MlflowClient, run_id: str, stage: str, hardware: dict[str, Any]) -> None:
+    """The resolved device and precision of a stage, so runs from different machines compare
+    honestly: ``resolved.<stage>.precision`` / ``.device`` as params for training (one training
+    per run), as tags for evaluation (a run may be evaluated again); the reasons as tags."""
+    values = {k: hardware[k] for k in ("precision", "precision_requested", "device_description",
+                                        "threads", "world_size") if hardware.get(k) is not None}
+    if stage == "train":
+        client.log_batch(run_id, params=[Param(f"resolved.{stage}.{k}", str(v)[:_MAX_PARAM_LENGTH])
+                                         for k, v in sorted(values.items())])
+    else:
+        for k, v in sorted(values.items()):
+            client.set_tag(run_id, f"resolved.{stage}.{k}", str(v))
+    for k in ("precision_reason", "precision_warning"):
+        if hardware.get(k):
+            client.set_tag(run_id, f"resolved.{stage}.{k}", str(hardware[k]))
+
+
 def log_evaluation(uri: str, run_id: str, metrics: dict[str, Any], grid_path: str | Path | None,
                    metrics_path: str | Path | None = None) -> None:
     """Evaluation results on the training run: FID/KID with spread and floor, per-seed FIDs,
@@ -200,6 +217,7 @@ def log_evaluation(uri: str, run_id: str, metrics: dict[str, Any], grid_path: st
     step = int(metrics.get("checkpoint_step", 0))
     buffer = MetricBuffer(client, run_id)
     buffer.log(step, {k: metrics[k] for k in EVAL_METRICS if k in metrics})
+    log_hardware(client, run_id, "evaluate", metrics)
     for k, value in enumerate(metrics.get("fid_per_seed", [])):
         buffer.log(step, {f"fid_seed_{k}": value})
     buffer.flush()
