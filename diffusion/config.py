@@ -41,6 +41,7 @@ LossWeighting = Literal["none", "min_snr"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 SamplerName = Literal["ddpm", "ddim"]
+MemoryFormat = Literal["auto", "contiguous", "channels_last"]
 ExtractorKind = Literal["domain", "inception"]
 
 
@@ -141,6 +142,7 @@ class EvaluateConfig:
     seed: int = _bound(0, ge=0)
     clip_denoised: bool = True                   # clip predicted x0 to [-1, 1] at each step
     precision: Precision = "auto"                # network autocast while sampling: auto | fp32 | bf16 | fp16
+    memory_format: MemoryFormat = "auto"         # auto: channels_last only where measured faster
     confidence_threshold: float = _bound(0.9, gt=0.0, le=1.0)  # "recognised" = classifier prob >= this
     fid_samples: int = _bound(1000, ge=2)        # generated images per seed for FID / KID
     fid_seeds: int = _bound(3, ge=1)             # repeats; the report gives mean and spread

@@ -29,7 +29,8 @@ from diffusion.fid import FeatureStats, frechet_distance, kernel_inception_dista
 from diffusion.grid import save_grid
 from diffusion.prepare import dataset_version
 from diffusion.quality import classifier_quality
-from diffusion.sampling import load_generator, resolve_sampling_precision, sample
+from diffusion.sampling import (load_generator, resolve_sampling_memory_format,
+                                resolve_sampling_precision, sample)
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,18 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
         model, ev.precision, channels=trained_cfg.data.channels,
         resolution=trained_cfg.data.resolution, batch_size=min(ev.batch_size, ev.fid_samples),
         guided=bool(trained_cfg.model.num_classes) and ev.guidance_scale != 1.0, device=device)
+    memory_format, format_reason = resolve_sampling_memory_format(
+        model, ev.memory_format, precision=choice.precision, channels=trained_cfg.data.channels,
+        resolution=trained_cfg.data.resolution, batch_size=min(ev.batch_size, ev.fid_samples),
+        guided=bool(trained_cfg.model.num_classes) and ev.guidance_scale != 1.0, device=device)
     setup = {"precision": choice.precision, "precision_requested": choice.requested,
-             "precision_reason": choice.reason, "precision_warning": choice.warning}
+             "precision_reason": choice.reason, "precision_warning": choice.warning,
+             "memory_format": memory_format, "memory_format_reason": format_reason}
     if on_setup is not None:
         on_setup(setup)
     elif progress:
-        print(f"sampling precision {choice.precision} ({choice.reason})"
+        print(f"sampling precision {choice.precision} ({choice.reason}), memory format "
+              f"{memory_format} ({format_reason})"
               + (f"\nwarning: {choice.warning}" if choice.warning else ""), file=sys.stderr)
     prepared = Path(cfg.data.prepared_dir)
     version = dataset_version(prepared)
@@ -122,7 +129,7 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
                         eta=ev.eta, target=trained_cfg.diffusion.target, seed=ev.seed + k * 1_000_003,
                         labels=labels, guidance_scale=ev.guidance_scale, clip_denoised=ev.clip_denoised,
                         batch_size=ev.batch_size, device=device, progress=progress,
-                        precision=choice.precision)
+                        precision=choice.precision, memory_format=memory_format)
         sampling_seconds += time.perf_counter() - clock
         if k == 0:
             save_grid(images[:min(n, 100)], ev.grid_path)

@@ -13,6 +13,10 @@
 - An explicit ``bf16`` on a CPU without native support still runs, with a warning that gives
   the measured slow-down (bf16 is emulated there: ~10x slower was seen on an AVX2 EPYC).
 
+:func:`choose_fastest` applies the same measured, cached choice where detection cannot decide
+at all (the memory format for sampling: channels_last was 30 % faster on one CPU and slower on
+another).
+
 Every resolution returns a :class:`PrecisionChoice` whose ``reason`` says why; callers print it,
 store it in checkpoints and metrics, and log it with the run.
 """
@@ -93,25 +97,29 @@ def device_description(device: torch.device) -> str:
     return f"{cpu_description()}, {torch.get_num_threads()} thread(s)"
 
 
-def measure(workload: Workload, precisions: tuple[str, ...] = ("fp32", "bf16"),
-            seconds: float = PROBE_SECONDS) -> dict[str, float]:
-    """Images per second of ``workload`` in each precision: one warm-up call each, then calls
-    alternating between the precisions (so drift hits both alike) until each has run ``seconds``
-    or 20 calls. Bounded: a precision whose one call outlasts ``seconds`` is measured once."""
-    spent = {p: 0.0 for p in precisions}
-    images = {p: 0 for p in precisions}
-    for p in precisions:
-        workload(AUTOCAST_DTYPES[p])
+def measure(options: dict[str, Callable[[], int]], seconds: float = PROBE_SECONDS) -> dict[str, float]:
+    """Images per second of each option (a callable that does one unit of work and returns the
+    images it processed): one warm-up call each, then calls alternating between the options (so
+    drift hits all alike) until each has run ``seconds`` or 20 calls. Bounded: an option whose
+    one call outlasts ``seconds`` is measured once."""
+    spent = {name: 0.0 for name in options}
+    images = {name: 0 for name in options}
+    for run in options.values():
+        run()
     calls = 0
-    while calls < 20 and any(spent[p] < seconds for p in precisions):
-        for p in precisions:
-            if spent[p] >= seconds and calls > 0:
+    while calls < 20 and any(spent[n] < seconds for n in options):
+        for name, run in options.items():
+            if spent[name] >= seconds and calls > 0:
                 continue
             start = time.perf_counter()
-            images[p] += workload(AUTOCAST_DTYPES[p])
-            spent[p] += time.perf_counter() - start
+            images[name] += run()
+            spent[name] += time.perf_counter() - start
         calls += 1
-    return {p: images[p] / max(spent[p], 1e-9) for p in precisions}
+    return {name: images[name] / max(spent[name], 1e-9) for name in options}
+
+
+def _precision_options(workload: Workload) -> dict[str, Callable[[], int]]:
+    return {p: (lambda dtype=AUTOCAST_DTYPES[p]: workload(dtype)) for p in ("fp32", "bf16")}
 
 
 def _cache_path() -> Path:
@@ -154,13 +162,14 @@ def _store(key: str, rates: dict[str, float]) -> None:
         pass                      # a read-only home only costs a probe next time
 
 
-def _rates(device: torch.device, shape: dict, workload: Workload) -> tuple[dict[str, float], bool]:
-    """Measured images/s per precision, from the cache when this machine measured it before."""
-    key = probe_key(device, shape)
+def _rates(device: torch.device, shape: dict, options: dict[str, Callable[[], int]]
+           ) -> tuple[dict[str, float], bool]:
+    """Measured images/s per option, from the cache when this machine measured it before."""
+    key = probe_key(device, {**shape, "options": sorted(options)})
     cached = _cached(key)
-    if cached is not None:
+    if cached is not None and set(cached) == set(options):
         return cached, True
-    rates = measure(workload)
+    rates = measure(options)
     _store(key, rates)
     return rates, False
 
@@ -175,7 +184,7 @@ def resolve_precision(requested: str, device: torch.device, *, shape: dict,
     real network once in a given autocast dtype; it is timed only where detection cannot decide
     (auto on a CPU with native bf16) or to say how slow an explicit bf16 will be."""
     if requested not in PRECISIONS:
-        raise PrecisionError(f"{what} = {requested!r}: expected one of {', '.join(PRECISIONS)}")
+        raise PrecisionError(f"{what} = {requested!r}: expected one of {', '.join(map(repr, PRECISIONS))}")
     cpu = device.type != "cuda"
     if requested == "fp16" and cpu:
         raise PrecisionError(f"{what} = 'fp16': needs a CUDA device; use 'auto', 'bf16' or 'fp32' "
@@ -186,7 +195,7 @@ def resolve_precision(requested: str, device: torch.device, *, shape: dict,
     if requested == "bf16":
         if native or not cpu:
             return PrecisionChoice(requested, "bf16", "as configured")
-        rates, _ = _rates(device, shape, workload)
+        rates, _ = _rates(device, shape, _precision_options(workload))
         slower = rates["fp32"] / max(rates["bf16"], 1e-9)
         return PrecisionChoice(requested, "bf16", "as configured", measured=rates, warning=(
             f"{what} = 'bf16' on a CPU without native bf16 ({cpu_description()}): measured "
@@ -197,7 +206,7 @@ def resolve_precision(requested: str, device: torch.device, *, shape: dict,
     if not native:
         return PrecisionChoice(requested, "fp32", "auto: this CPU has no native bf16 "
                                                   f"({torch.backends.cpu.get_cpu_capability()})")
-    rates, hit = _rates(device, shape, workload)
+    rates, hit = _rates(device, shape, _precision_options(workload))
     speedup = rates["bf16"] / max(rates["fp32"], 1e-9)
     source = "cached measurement" if hit else "measured"
     if speedup >= BF16_MIN_SPEEDUP:
@@ -205,3 +214,16 @@ def resolve_precision(requested: str, device: torch.device, *, shape: dict,
                                                   f"faster than fp32 ({_fmt(rates)})", measured=rates)
     return PrecisionChoice(requested, "fp32", f"auto: native bf16 but {source} not faster "
                                               f"({_fmt(rates)})", measured=rates)
+
+
+def choose_fastest(options: dict[str, Callable[[], int]], *, device: torch.device, shape: dict,
+                   default: str, min_speedup: float = BF16_MIN_SPEEDUP) -> tuple[str, str]:
+    """The option that measured fastest on this device (cached like the precision probe), and
+    why; ``default`` unless another beats it by ``min_speedup``. For choices detection cannot
+    make at all, such as the memory format."""
+    rates, hit = _rates(device, shape, options)
+    best = max(rates, key=rates.get)
+    source = "cached measurement" if hit else "measured"
+    if best != default and rates[best] >= rates[default] * min_speedup:
+        return best, f"{source}: {_fmt(rates)}"
+    return default, f"{source}: {_fmt(rates)}"

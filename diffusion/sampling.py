@@ -7,6 +7,7 @@ generator per sample seeded by ``seed + index``, so image j is the same whatever
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,8 @@ from torch import nn
 
 from diffusion.checkpoint import checkpoint_config, load_checkpoint
 from diffusion.config import Config
-from diffusion.hardware import AUTOCAST_DTYPES, PRECISIONS, PrecisionChoice, resolve_precision
+from diffusion.hardware import (AUTOCAST_DTYPES, PRECISIONS, PrecisionChoice, choose_fastest,
+                                resolve_precision)
 from diffusion.progress import progress_bar
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
@@ -116,33 +118,76 @@ def _predict(model: nn.Module, schedule: NoiseSchedule, rs: RespacedSchedule, i:
     return x0, eps
 
 
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
+class _ForwardProbe:
+    """The network's forward pass at the sampling batch (doubled under guidance, as
+    :func:`_predict` batches both branches) on random inputs, in a given autocast dtype and
+    memory format; channels_last runs on a copy, so the caller's model is never changed."""
+
+    def __init__(self, model: nn.Module, *, channels: int, resolution: int, batch_size: int,
+                 guided: bool, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.batch = batch_size * (2 if guided else 1)
+        g = torch.Generator(device).manual_seed(0)
+        self.x = torch.randn((self.batch, channels, resolution, resolution), generator=g, device=device)
+        self.t = torch.randint(0, 1000, (self.batch,), generator=g, device=device)
+        conditional = getattr(model, "class_emb", None) is not None
+        self.labels = torch.zeros(self.batch, dtype=torch.long, device=device) if conditional else None
+        self.shape = {"work": "sample", "network": _network_signature(model),
+                      "image": [channels, resolution], "batch": self.batch}
+        self._channels_last: nn.Module | None = None
+
+    @torch.no_grad()
+    def __call__(self, dtype: torch.dtype | None, memory_format: str = "contiguous") -> int:
+        net, x = self.model, self.x
+        if memory_format == "channels_last":
+            if self._channels_last is None:
+                self._channels_last = _as_channels_last(self.model)
+            net, x = self._channels_last, x.contiguous(memory_format=torch.channels_last)
+        was_training = net.training
+        net.eval()
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            net(x, self.t, self.labels) if self.labels is not None else net(x, self.t)
+        net.train(was_training)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.batch
+
+
+def _as_channels_last(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
 def resolve_sampling_precision(model: nn.Module, requested: str, *, channels: int, resolution: int,
                                batch_size: int, guided: bool, device: torch.device | str = "cpu",
                                what: str = "evaluate.precision") -> PrecisionChoice:
     """``requested`` (auto | fp32 | bf16 | fp16) for sampling with ``model`` on ``device``: the
-    probe, where one is needed, times the network's forward pass at the sampling batch (doubled
-    under guidance, as :func:`_predict` batches both branches)."""
-    device = torch.device(device)
-    batch = batch_size * (2 if guided else 1)
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn((batch, channels, resolution, resolution), generator=g, device=device)
-    t = torch.randint(0, 1000, (batch,), generator=g, device=device)
-    conditional = getattr(model, "class_emb", None) is not None
-    labels = torch.zeros(batch, dtype=torch.long, device=device) if conditional else None
+    probe, where one is needed, times the network's forward pass at the sampling batch."""
+    probe = _ForwardProbe(model, channels=channels, resolution=resolution, batch_size=batch_size,
+                          guided=guided, device=torch.device(device))
+    return resolve_precision(requested, probe.device, shape=probe.shape, workload=probe, what=what)
 
-    @torch.no_grad()
-    def forward(dtype: torch.dtype | None) -> int:
-        was_training = model.training
-        model.eval()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            model(x, t, labels) if labels is not None else model(x, t)
-        model.train(was_training)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return batch
-    shape = {"work": "sample", "network": _network_signature(model), "image": [channels, resolution],
-             "batch": batch}
-    return resolve_precision(requested, device, shape=shape, workload=forward, what=what)
+
+def resolve_sampling_memory_format(model: nn.Module, requested: str, *, precision: str, channels: int,
+                                   resolution: int, batch_size: int, guided: bool,
+                                   device: torch.device | str = "cpu") -> tuple[str, str]:
+    """(memory format, reason) for sampling: ``auto`` times the forward pass in both formats at
+    the resolved ``precision`` (cached per machine and shape, like the precision probe) and keeps
+    channels_last only where it is measurably faster."""
+    if requested not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {requested!r}; expected one of "
+                         f"{', '.join(MEMORY_FORMATS)}")
+    if requested != "auto":
+        return requested, "as configured"
+    probe = _ForwardProbe(model, channels=channels, resolution=resolution, batch_size=batch_size,
+                          guided=guided, device=torch.device(device))
+    dtype = AUTOCAST_DTYPES[precision]
+    fmt, why = choose_fastest({f: (lambda f=f: probe(dtype, f)) for f in ("contiguous", "channels_last")},
+                              device=probe.device, shape={**probe.shape, "precision": precision},
+                              default="contiguous")
+    return fmt, f"auto: {why}"
 
 
 def _network_signature(model: nn.Module) -> list:
@@ -163,11 +208,13 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
            labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
            clip_denoised: bool = True, batch_size: int = 256,
            device: torch.device | str = "cpu", progress: bool = True,
-           precision: str = "fp32") -> torch.Tensor:
+           precision: str = "fp32", memory_format: str = "contiguous") -> torch.Tensor:
     """Generate ``num_images`` images (N, C, H, W) in [-1, 1] (unclipped at the last step if
     ``clip_denoised`` is off). ``labels`` (N,) selects classes for a conditional model; guidance
     needs a model with ``null_class``. ``precision`` "bf16"/"fp16" runs the network under
-    autocast (the update rule stays float32); "auto" resolves by :mod:`diffusion.hardware`."""
+    autocast (the update rule stays float32); "auto" resolves by :mod:`diffusion.hardware`.
+    ``memory_format`` "channels_last" runs a channels_last copy of the network (the same images
+    up to float rounding); "auto" measures which is faster here."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     if labels is not None and labels.shape != (num_images,):
@@ -180,6 +227,17 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
             batch_size=min(batch_size, num_images), device=device,
             guided=labels is not None and guidance_scale != 1.0).precision
     amp = AUTOCAST_DTYPES[precision]
+    if memory_format == "auto":
+        memory_format = resolve_sampling_memory_format(
+            model, memory_format, precision=precision, channels=channels, resolution=resolution,
+            batch_size=min(batch_size, num_images), device=device,
+            guided=labels is not None and guidance_scale != 1.0)[0]
+    elif memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}; expected one of "
+                         f"{', '.join(MEMORY_FORMATS)}")
+    layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    if memory_format == "channels_last":
+        model = _as_channels_last(model)
     rs = respace(schedule, steps)
     was_training = model.training
     model.eval()
@@ -190,7 +248,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
                        enabled=progress, leave=False)
     for start in range(0, num_images, batch_size):
         batch_gens = gens[start:start + batch_size]
-        x = _noise(batch_gens, shape, device)
+        x = _noise(batch_gens, shape, device).contiguous(memory_format=layout)
         y = labels[start:start + batch_size].to(device) if labels is not None else None
         null = (torch.full_like(y, model.null_class) if y is not None and hasattr(model, "null_class")
                 else None)
@@ -207,7 +265,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
         out.append(x.cpu())
     bar.close()
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out).contiguous()
 
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True

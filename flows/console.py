@@ -62,7 +62,9 @@ class Console:
         if device and setup.get("world_size", 1) > 1:
             device = f"{setup['world_size']} workers, each {device}"
         self.line(f"  {what}: " + (f"{device}; " if device else "")
-                  + f"precision {setup['precision']} ({setup['precision_reason']})")
+                  + f"precision {setup['precision']} ({setup['precision_reason']})"
+                  + (f"; memory format {setup['memory_format']} ({setup['memory_format_reason']})"
+                     if setup.get("memory_format") else ""))
         if setup.get("precision_warning"):
             self.warning(setup["precision_warning"])
 
@@ -144,7 +146,7 @@ class TrainingProgress:
             total = int(self.budget) if self.budget > 0 else steps
             self.bar = progress_bar(total=total, desc="  train", unit="s" if self.budget > 0 else "step")
             self.bar.bar_format = "{desc} {percentage:3.0f}%|{bar:24}| {postfix}"
-        self.last_line = 0.0
+        self.last_line = float("-inf")        # the first report shows at once
         self.last: tuple[int, dict] | None = None
         self.shown_step = -1
 

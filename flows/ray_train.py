@@ -34,7 +34,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from diffusion.checkpoint import load_checkpoint
-from diffusion.config import Config, config_from_dict
+from diffusion.config import Config, ConfigError, config_from_dict
 from diffusion.data import load_dataset
 from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, train
 
@@ -122,6 +122,23 @@ def init_ray(address: str | None = None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
 
 
+def _check_local_resources(cfg: Config) -> None:
+    """On the local cluster (no RAY_ADDRESS) Ray would wait forever for workers this machine
+    cannot hold; say so at once. A real cluster may scale up, so it is not checked."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    r = cfg.ray
+    have = ray.cluster_resources()
+    wanted = {"CPU": r.num_workers * r.cpus_per_worker,
+              **({"GPU": r.num_workers * r.gpus_per_worker} if r.use_gpu else {})}
+    for kind, amount in wanted.items():
+        if amount > have.get(kind, 0):
+            per = "ray.cpus_per_worker" if kind == "CPU" else "ray.gpus_per_worker"
+            raise ConfigError(f"ray.num_workers x {per} = {amount:g} {kind}s: this machine's local Ray "
+                              f"cluster has {have.get(kind, 0):g}; lower ray.num_workers, or set "
+                              "RAY_ADDRESS to a cluster that has them")
+
+
 def ray_run_name(cfg: Config) -> str:
     """``ray.run_name`` plus the hash of everything a resume must keep equal: re-running the same
     configuration continues its run; a changed one (``dvc exp run -S train.lr=...``) starts anew."""
@@ -189,6 +206,7 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
     ``{"kind": "metrics", "step": ..., ...}`` events on the driver."""
     init_ray()
     r = cfg.ray
+    _check_local_resources(cfg)
     run_name = ray_run_name(cfg)
     storage = r.storage_path if "://" in r.storage_path else str(Path(r.storage_path).absolute())
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}

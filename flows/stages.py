@@ -23,7 +23,7 @@ from diffusion.evaluate import evaluate
 from diffusion.features import (FeatureExtractor, load_domain_extractor, load_inception,
                                 save_classifier, train_classifier)
 from diffusion.prepare import DataError, PrepareResult, dataset_version, prepare_from_config
-from diffusion.trainer import NonFiniteLossError, train
+from diffusion.trainer import NonFiniteLossError, select_device, train
 from diffusion.validate import ValidationFailed, ValidationReport, validate_dataset
 
 STAGES = ("prepare", "validate", "extractor", "train", "evaluate", "register")
@@ -150,7 +150,8 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
 def evaluate_stage(cfg: Config, progress: bool = True) -> dict:
     from flows.console import console
     return evaluate(Path(cfg.train.out_dir) / "checkpoint.pt", cfg, load_extractor(cfg),
-                    progress=progress, on_setup=lambda s: console().hardware("sampling", s))
+                    progress=progress, device=select_device(cfg.train.device),
+                    on_setup=lambda s: console().hardware("sampling", s))
 
 
 def _read_json(path: Path, what: str) -> dict:

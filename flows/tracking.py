@@ -197,14 +197,15 @@ def log_hardware(client: MlflowClient, run_id: str, stage: str, hardware: dict[s
     honestly: ``resolved.<stage>.precision`` / ``.device`` as params for training (one training
     per run), as tags for evaluation (a run may be evaluated again); the reasons as tags."""
     values = {k: hardware[k] for k in ("precision", "precision_requested", "device_description",
-                                        "threads", "world_size") if hardware.get(k) is not None}
+                                        "threads", "world_size", "memory_format")
+              if hardware.get(k) is not None}
     if stage == "train":
         client.log_batch(run_id, params=[Param(f"resolved.{stage}.{k}", str(v)[:_MAX_PARAM_LENGTH])
                                          for k, v in sorted(values.items())])
     else:
         for k, v in sorted(values.items()):
             client.set_tag(run_id, f"resolved.{stage}.{k}", str(v))
-    for k in ("precision_reason", "precision_warning"):
+    for k in ("precision_reason", "precision_warning", "memory_format_reason"):
         if hardware.get(k):
             client.set_tag(run_id, f"resolved.{stage}.{k}", str(hardware[k]))
 

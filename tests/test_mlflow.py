@@ -99,7 +99,16 @@ def test_run_logs_params_metrics_images_and_artifacts_to_s3(server, registered):
     assert run.info.status == "FINISHED"
     cfg = registered["cfg"]
     assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["model.preset"] == "tiny"
-    assert run.data.params["train.steps"] == "12" and len(run.data.params) == len(cfg.to_dict() and flatten(cfg.to_dict()))
+    config_params = {k: v for k, v in run.data.params.items() if not k.startswith("resolved.")}
+    assert run.data.params["train.steps"] == "12" and len(config_params) == len(flatten(cfg.to_dict()))
+    # what the device resolved ("auto"), so runs from different machines compare honestly
+    hardware = registered["trained"]["hardware"]
+    assert run.data.params["train.precision"] == "auto" and hardware["precision_requested"] == "auto"
+    assert run.data.params["resolved.train.precision"] == hardware["precision"] in ("fp32", "bf16")
+    assert run.data.params["resolved.train.device_description"] == hardware["device_description"]
+    assert run.data.tags["resolved.train.precision_reason"] == hardware["precision_reason"]
+    assert run.data.tags["resolved.evaluate.precision"] == registered["metrics"]["precision"]
+    assert run.data.tags["resolved.evaluate.memory_format"] == registered["metrics"]["memory_format"]
     assert run.data.tags["purpose"] == "test" and run.data.tags["params_hash"]
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in loss] == [3, 6, 9, 12] and all(math.isfinite(m.value) for m in loss)

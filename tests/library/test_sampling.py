@@ -225,3 +225,24 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_keeps_the_law(schedule):
     assert 0 < (x - y).abs().mean().item() < 0.02        # rounding, not a different sampler
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         sample(exact, schedule, 2, channels=1, resolution=2, precision="fp8", progress=False)
+
+
+def test_channels_last_sampling_gives_the_same_images_and_leaves_the_model_alone():
+    from diffusion.config import load_config
+    from diffusion.sampling import resolve_sampling_memory_format
+    from diffusion.unet import UNet
+    cfg = load_config(None, ["model.preset=tiny", "model.num_classes=10", "data.resolution=8"])
+    torch.manual_seed(0)
+    net = UNet(cfg.model, 1, 8).eval()
+    sched = NoiseSchedule.create("cosine", 1000)
+    labels = torch.arange(6) % 10
+    kw = dict(channels=1, resolution=8, steps=5, labels=labels, guidance_scale=2.0, progress=False)
+    plain = sample(net, sched, 6, memory_format="contiguous", **kw)
+    cl = sample(net, sched, 6, memory_format="channels_last", **kw)
+    assert cl.is_contiguous() and torch.allclose(plain, cl, atol=1e-4)
+    assert all(p.is_contiguous() for p in net.parameters())          # the caller's model is unchanged
+    fmt, why = resolve_sampling_memory_format(net, "auto", precision="fp32", channels=1, resolution=8,
+                                              batch_size=6, guided=True)
+    assert fmt in ("contiguous", "channels_last") and why.startswith("auto: ")
+    with pytest.raises(ValueError, match="unknown memory format 'nhwc'; expected one of auto, contiguous"):
+        sample(net, sched, 2, memory_format="nhwc", **{**kw, "labels": labels[:2]})
