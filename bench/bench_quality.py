@@ -34,9 +34,11 @@ from diffusion.config import load_config  # noqa: E402
 from diffusion.data import load_prepared, to_uint8  # noqa: E402
 from diffusion.evaluate import extract, fid_against, reference_stats  # noqa: E402
 from diffusion.features import load_domain_extractor, save_classifier, train_classifier  # noqa: E402
+from diffusion.hardware import cpu_description  # noqa: E402
 from diffusion.prepare import dataset_version, prepare_from_config  # noqa: E402
 from diffusion.quality import classifier_quality  # noqa: E402
-from diffusion.sampling import load_generator, sample  # noqa: E402
+from diffusion.sampling import (load_generator, resolve_sampling_memory_format,  # noqa: E402
+                                resolve_sampling_precision, sample)
 from diffusion.trainer import train  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results_quality_cpu.jsonl"
@@ -61,15 +63,7 @@ ABLATIONS: dict[str, list[str]] = {
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
 
 
@@ -124,14 +118,15 @@ def score(images: torch.Tensor, labels: torch.Tensor | None, extractor, work: Pa
 
 
 def generate(run_dir: Path, n: int, sampler: str, steps: int, guidance: float, precision: str,
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+             seed: int = 0, memory_format: str = "contiguous"
+             ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     model, schedule, cfg, _ = load_generator(run_dir / "checkpoint.pt")
     labels = torch.arange(n) % cfg.model.num_classes if cfg.model.num_classes else None
     clock = time.perf_counter()
     x = sample(model, schedule, n, channels=1, resolution=cfg.data.resolution, sampler=sampler,
                steps=steps, target=cfg.diffusion.target, seed=seed, labels=labels,
                guidance_scale=guidance if labels is not None else 1.0, batch_size=500,
-               progress=False, precision=precision)
+               progress=False, precision=precision, memory_format=memory_format)
     return to_uint8(x), labels, time.perf_counter() - clock
 
 
@@ -240,6 +235,26 @@ def run_sampling(run_dir: Path, args, extractor) -> None:
                **score(images, labels, extractor, args.work)})
 
 
+def run_solvers(run_dir: Path, args, extractor) -> None:
+    """Issue 17's table: every sampler and step count on one model, in one run, with the
+    evaluation's own precision and memory-format choice (resolved once here, then fixed)."""
+    cfg = load_config(ROOT / "params.yaml")
+    g = cfg.evaluate.guidance_scale
+    settings = [("ddim", s, args.samples) for s in (10, 20, 50)]
+    settings += [(solver, s, args.samples) for solver in ("dpmpp_2m", "unipc") for s in (5, 8, 10, 15, 20)]
+    settings += [("ddpm", 1000, args.ddpm_samples)]
+    model, _, trained, _ = load_generator(run_dir / "checkpoint.pt")
+    kw = dict(channels=1, resolution=trained.data.resolution, batch_size=500, guided=g != 1.0)
+    precision = resolve_sampling_precision(model, cfg.evaluate.precision, **kw).precision
+    fmt, _ = resolve_sampling_memory_format(model, cfg.evaluate.memory_format, precision=precision, **kw)
+    for sampler, steps, n in settings:
+        images, labels, seconds = generate(run_dir, n, sampler, steps, g, precision, memory_format=fmt)
+        write({"kind": "solvers", "name": f"{sampler}-{steps}", "run": str(run_dir), "sampler": sampler,
+               "sample_steps": steps, "guidance": g, "sample_precision": precision,
+               "memory_format": fmt, "samples": n, "sampling_seconds": seconds,
+               "seconds_per_1000": seconds * 1000 / n, **score(images, labels, extractor, args.work)})
+
+
 def rows(kind: str, path: Path = RESULTS) -> list[dict]:
     if not path.exists():
         return []
@@ -300,7 +315,7 @@ def report(path: Path = RESULTS) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["ablation", "curve", "diffusers", "sampling", "report"])
+    p.add_argument("mode", choices=["ablation", "curve", "diffusers", "sampling", "solvers", "report"])
     p.add_argument("run_dir", nargs="?", type=Path)
     p.add_argument("--minutes", type=float, nargs="+", default=[2.0])
     p.add_argument("--only", nargs="*", help="ablation rows to run (substring match)")
@@ -328,6 +343,8 @@ def main() -> None:
     elif args.mode == "diffusers":
         for minutes in args.minutes:
             run_diffusers(minutes, args, extractor)
+    elif args.mode == "solvers":
+        run_solvers(args.run_dir, args, extractor)
     else:
         run_sampling(args.run_dir, args, extractor)
 

@@ -15,6 +15,7 @@ from diffusion.data import load_dataset
 from diffusion.grid import save_grid
 from diffusion.prepare import DataError, prepare_from_config
 from diffusion.sampling import SAMPLERS, load_generator, sample
+from diffusion.solvers import SPACINGS
 from diffusion.trainer import NonFiniteLossError, select_device, train
 from diffusion.unet import count_parameters
 from diffusion.validate import ValidationFailed, validate_dataset
@@ -80,6 +81,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps = {steps}: must be in [1, {cfg.diffusion.timesteps}]")
     images = sample(model, schedule, n, channels=cfg.data.channels, resolution=cfg.data.resolution,
                     sampler=args.sampler or ev.sampler, steps=steps,
+                    spacing=args.spacing or ev.spacing,
                     eta=args.eta if args.eta is not None else ev.eta, target=cfg.diffusion.target,
                     seed=args.seed if args.seed is not None else ev.seed, labels=labels,
                     guidance_scale=args.guidance if args.guidance is not None else ev.guidance_scale,
@@ -115,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt written by train")
     s.add_argument("--out", type=Path, required=True, help="PNG file to write (a square grid)")
     s.add_argument("--num", type=int, help="number of images (default: evaluate.num_samples)")
-    s.add_argument("--sampler", choices=SAMPLERS, help="ddpm (ancestral) or ddim")
-    s.add_argument("--steps", type=int, help="respaced sampling steps (default: evaluate.steps)")
+    s.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddpm (ancestral), ddim, dpmpp_2m (DPM-Solver++ 2M) or unipc (UniPC bh2); "
+                        "default: evaluate.sampler")
+    s.add_argument("--steps", type=int, help="network evaluations (default: evaluate.steps)")
+    s.add_argument("--spacing", choices=SPACINGS,
+                   help="timesteps of dpmpp_2m / unipc (default: evaluate.spacing)")
     s.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     s.add_argument("--seed", type=int, help="image j uses seed+j, whatever the batch size")
     s.add_argument("--labels", type=int, nargs="+",

@@ -40,7 +40,8 @@ Target = Literal["eps", "v"]
 LossWeighting = Literal["none", "min_snr"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "unipc"]
+Spacing = Literal["linspace", "trailing"]
 MemoryFormat = Literal["auto", "contiguous", "channels_last"]
 ExtractorKind = Literal["domain", "inception"]
 
@@ -133,8 +134,9 @@ class ExtractorConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    sampler: SamplerName = "ddim"
-    steps: int = _bound(50, ge=1)                # respaced sampling steps (<= diffusion.timesteps)
+    sampler: SamplerName = "ddim"                # ddpm | ddim | dpmpp_2m (DPM-Solver++ 2M) | unipc (bh2)
+    steps: int = _bound(50, ge=1)                # network evaluations (<= diffusion.timesteps)
+    spacing: Spacing = "linspace"                # timesteps of dpmpp_2m / unipc (diffusers' conventions)
     eta: float = _bound(0.0, ge=0.0, le=1.0)     # DDIM stochasticity; 0 = deterministic
     guidance_scale: float = _bound(1.0, ge=0.0)  # classifier-free guidance; 1 = plain conditional
     num_samples: int = _bound(64, ge=1)          # images in the sample grid

@@ -129,7 +129,8 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
                         eta=ev.eta, target=trained_cfg.diffusion.target, seed=ev.seed + k * 1_000_003,
                         labels=labels, guidance_scale=ev.guidance_scale, clip_denoised=ev.clip_denoised,
                         batch_size=ev.batch_size, device=device, progress=progress,
-                        precision=choice.precision, memory_format=memory_format)
+                        precision=choice.precision, memory_format=memory_format,
+                        spacing=ev.spacing)
         sampling_seconds += time.perf_counter() - clock
         if k == 0:
             save_grid(images[:min(n, 100)], ev.grid_path)
@@ -146,6 +147,7 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
         "floor_fid": floor["fid"], "floor_kid": floor["kid"],
         "fid_over_floor": float(np.mean(fids) / max(floor["fid"], 1e-12)),
         "samples_per_seed": ev.fid_samples, "seeds": ev.fid_seeds, "sampler": ev.sampler,
+        "spacing": ev.spacing,
         "steps": ev.steps, "guidance_scale": ev.guidance_scale, "checkpoint_step": int(ckpt["step"]),
         "extractor": extractor.name, "extractor_sha256": extractor.sha256,
         "dataset_version": version, "reference_cache_hit": hit,

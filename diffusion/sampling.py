@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral (Ho et al. 2020) and DDIM (Song et al. 2021) over respaced timesteps.
+"""Samplers: DDPM ancestral (Ho et al. 2020) and DDIM (Song et al. 2021) over respaced
+timesteps, and the multistep solvers DPM-Solver++(2M) and UniPC (:mod:`diffusion.solvers`).
 
 Each step is a pure function of (schedule, index, x_t, predictions, noise source) that returns
 x at the previous kept timestep; :func:`sample` is the loop around them. Noise comes from one
@@ -21,10 +22,11 @@ from diffusion.hardware import (AUTOCAST_DTYPES, PRECISIONS, PrecisionChoice, ch
                                 resolve_precision)
 from diffusion.progress import progress_bar
 from diffusion.schedule import NoiseSchedule
+from diffusion.solvers import SOLVERS, SPACINGS, solve, solver_schedule
 from diffusion.unet import UNet
 
-SamplerName = Literal["ddpm", "ddim"]
-SAMPLERS = ("ddpm", "ddim")
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "unipc"]
+SAMPLERS = ("ddpm", "ddim") + SOLVERS
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,12 @@ def ddim_step(rs: RespacedSchedule, i: int, xt: torch.Tensor, x0: torch.Tensor, 
     return out
 
 
-def _predict(model: nn.Module, schedule: NoiseSchedule, rs: RespacedSchedule, i: int,
-             x: torch.Tensor, target: str,
+def _predict(model: nn.Module, schedule: NoiseSchedule, timestep: int, x: torch.Tensor, target: str,
              labels: torch.Tensor | None, null_labels: torch.Tensor | None, guidance_scale: float,
              clip_denoised: bool, amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) at respaced step i, with classifier-free guidance when it applies. ``amp``: the
+    """(x0, eps) at ``timestep``, with classifier-free guidance when it applies. ``amp``: the
     network runs under autocast to that dtype; the sampler's own arithmetic stays float32."""
-    t = torch.full((x.shape[0],), int(rs.timesteps[i]), device=x.device, dtype=torch.long)
+    t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         if labels is not None and null_labels is not None and guidance_scale != 1.0:
             out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels]))
@@ -208,15 +209,20 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
            labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
            clip_denoised: bool = True, batch_size: int = 256,
            device: torch.device | str = "cpu", progress: bool = True,
-           precision: str = "fp32", memory_format: str = "contiguous") -> torch.Tensor:
+           precision: str = "fp32", memory_format: str = "contiguous",
+           spacing: str = "linspace") -> torch.Tensor:
     """Generate ``num_images`` images (N, C, H, W) in [-1, 1] (unclipped at the last step if
     ``clip_denoised`` is off). ``labels`` (N,) selects classes for a conditional model; guidance
     needs a model with ``null_class``. ``precision`` "bf16"/"fp16" runs the network under
     autocast (the update rule stays float32); "auto" resolves by :mod:`diffusion.hardware`.
     ``memory_format`` "channels_last" runs a channels_last copy of the network (the same images
-    up to float rounding); "auto" measures which is faster here."""
+    up to float rounding); "auto" measures which is faster here. ``spacing`` (linspace |
+    trailing) places the timesteps of the multistep solvers (DDPM / DDIM keep their own:
+    evenly spaced from T-1 down to 0, see :func:`respace`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
     if labels is not None and labels.shape != (num_images,):
         raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
     if precision not in PRECISIONS:
@@ -239,6 +245,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
     if memory_format == "channels_last":
         model = _as_channels_last(model)
     rs = respace(schedule, steps)
+    ss = solver_schedule(schedule, steps, spacing) if sampler in SOLVERS else None
     was_training = model.training
     model.eval()
     gens = [torch.Generator().manual_seed(seed + j) for j in range(num_images)]
@@ -252,9 +259,16 @@ def sample(model: nn.Module, schedule: NoiseSchedule, num_images: int, *,
         y = labels[start:start + batch_size].to(device) if labels is not None else None
         null = (torch.full_like(y, model.null_class) if y is not None and hasattr(model, "null_class")
                 else None)
+        if ss is not None:
+            def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+                return _predict(model, schedule, t, x, target, y, null, guidance_scale, clip_denoised,
+                                amp)[0]
+            x = solve(denoise, ss, x, sampler, on_step=lambda i, x: bar.update(len(batch_gens)))
+            out.append(x.cpu())
+            continue
         for i in reversed(range(steps)):
-            x0, eps = _predict(model, schedule, rs, i, x, target, y, null, guidance_scale, clip_denoised,
-                               amp)
+            x0, eps = _predict(model, schedule, int(rs.timesteps[i]), x, target, y, null, guidance_scale,
+                               clip_denoised, amp)
             if sampler == "ddpm":
                 x = ddpm_step(rs, i, x, x0, _noise(batch_gens, shape, device) if i > 0 else x)
             else:

@@ -42,7 +42,7 @@ import torch
 # whole batch, which a long column rejects; predict checks that they hold whole numbers
 INPUTS = {"num_images": ("long", True), "class_label": ("long", True)}
 PARAMS = {"steps": ("long", 50), "sampler": ("string", "ddim"), "seed": ("long", 0),
-          "guidance_scale": ("double", 1.0), "eta": ("double", 0.0)}
+          "guidance_scale": ("double", 1.0), "eta": ("double", 0.0), "spacing": ("string", "linspace")}
 MAX_IMAGES = 1024
 
 
@@ -57,6 +57,7 @@ class DiffusionGenerator(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from diffusion.data import to_uint8
         from diffusion.sampling import SAMPLERS, sample
+        from diffusion.solvers import SPACINGS
         cfg = self.cfg
         p = {k: default for k, (_, default) in PARAMS.items()} | dict(params or {})
         if not isinstance(model_input, pd.DataFrame):
@@ -68,6 +69,8 @@ class DiffusionGenerator(mlflow.pyfunc.PythonModel):
             raise ValueError(f"params: steps = {steps}: expected 1 .. {cfg.diffusion.timesteps}")
         if sampler not in SAMPLERS:
             raise ValueError(f"params: sampler = {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        if p["spacing"] not in SPACINGS:
+            raise ValueError(f"params: spacing = {p['spacing']!r}: expected one of {', '.join(SPACINGS)}")
         classes = cfg.model.num_classes
         counts, labels = [], []
         for r, row in enumerate(model_input.to_dict("records")):
@@ -90,7 +93,7 @@ class DiffusionGenerator(mlflow.pyfunc.PythonModel):
                         eta=float(p["eta"]), target=cfg.diffusion.target, seed=int(p["seed"]),
                         labels=torch.cat(labels) if labels else None,
                         guidance_scale=float(p["guidance_scale"]), device=self.device,
-                        progress=False)
+                        progress=False, spacing=str(p["spacing"]))
         return to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
