@@ -241,8 +241,10 @@ def run_solvers(run_dir: Path, args, extractor) -> None:
     cfg = load_config(ROOT / "params.yaml")
     g = cfg.evaluate.guidance_scale
     settings = [("ddim", s, args.samples) for s in (10, 20, 50)]
-    settings += [(solver, s, args.samples) for solver in ("dpmpp_2m", "unipc") for s in (5, 8, 10, 15, 20)]
+    settings += [(solver, s, args.samples) for solver in ("dpmpp_2m", "unipc") for s in (5, 6, 8, 10, 15, 20)]
     settings += [("ddpm", 1000, args.ddpm_samples)]
+    if args.only:
+        settings = [s for s in settings if f"{s[0]}-{s[1]}" in args.only]
     model, _, trained, _ = load_generator(run_dir / "checkpoint.pt")
     kw = dict(channels=1, resolution=trained.data.resolution, batch_size=500, guided=g != 1.0)
     precision = resolve_sampling_precision(model, cfg.evaluate.precision, **kw).precision
@@ -318,7 +320,8 @@ def main() -> None:
     p.add_argument("mode", choices=["ablation", "curve", "diffusers", "sampling", "solvers", "report"])
     p.add_argument("run_dir", nargs="?", type=Path)
     p.add_argument("--minutes", type=float, nargs="+", default=[2.0])
-    p.add_argument("--only", nargs="*", help="ablation rows to run (substring match)")
+    p.add_argument("--only", nargs="*", help="ablation rows to run (substring match); solvers: "
+                                             "the settings to run, e.g. unipc-6")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--diffusers-at", type=float, nargs="*", default=[],
                    help="curve: also train diffusers' plain loop at these budgets")
