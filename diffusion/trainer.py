@@ -231,8 +231,14 @@ def resolve_training_precision(state: TrainState, loss_fn: DiffusionLoss, cfg: C
     null_class = state.model.null_class if cfg.model.num_classes else None
     shape = {"work": "train", "model": dataclasses.asdict(cfg.model), "target": cfg.diffusion.target,
              "image": [cfg.data.channels, cfg.data.resolution], "batch": cfg.train.batch_size}
+    built = []                        # the probe's model copy and batch, only if a probe runs
+
+    def workload(dtype: torch.dtype | None) -> int:
+        if not built:
+            built.append(_probe_workload(state.model, loss_fn, cfg, device, null_class))
+        return built[0](dtype)
     choice = resolve_precision(cfg.train.precision, device, shape=shape, what="train.precision",
-                               workload=_probe_workload(state.model, loss_fn, cfg, device, null_class))
+                               workload=workload)
     if cfg.train.precision == "auto" and ctx.world_size > 1:
         agreed = torch.tensor([1.0 if choice.precision == "bf16" else 0.0], device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
