@@ -113,9 +113,28 @@ def _current_champion(client: MlflowClient, name: str):
         return None
 
 
+def describe(fid: float, fid_std: float, lineage: dict[str, str], evaluation: dict,
+             alias: str, reason: str) -> str:
+    """The model version's description and the run's note: what a user decides on, in one place."""
+    floor = evaluation.get("floor_fid")
+    lines = [f"**{alias}**: {reason}", "",
+             f"- FID {fid:.3f} ± {fid_std:.3f}" + (f" (real-vs-real floor {floor:.3f})" if floor else ""),
+             f"- sampled with {evaluation.get('sampler', '?')}, {evaluation.get('steps', '?')} steps, "
+             f"guidance {evaluation.get('guidance_scale', '?')}"]
+    if "confident_share" in evaluation:
+        lines.append(f"- recognised {evaluation['confident_share']:.1%}, class entropy "
+                     f"{evaluation.get('class_entropy_ratio', float('nan')):.3f} of max")
+    lines += [f"- trained {lineage.get('checkpoint_step', '?')} steps on dataset "
+              f"`{lineage.get('dataset_version', '?')}` (DVC)",
+              f"- git {lineage.get('git_commit', '?')}, MLflow run {lineage.get('mlflow_run_id', '?')}"]
+    return "\n".join(lines)
+
+
 def register(uri: str, cfg: Config, *, model_uri: str, run_id: str, fid: float, fid_std: float,
-             lineage: dict[str, str]) -> Registration:
-    """A new version of ``tracking.model_name`` with lineage tags, then the champion gate."""
+             lineage: dict[str, str], evaluation: dict | None = None) -> Registration:
+    """A new version of ``tracking.model_name`` with lineage tags, then the champion gate. The
+    version gets a description and the training run a note (MLflow's ``mlflow.note.content``)
+    with the numbers that decide and the gate's decision."""
     client = client_for(uri)
     name = cfg.tracking.model_name
     try:
@@ -141,6 +160,9 @@ def register(uri: str, cfg: Config, *, model_uri: str, run_id: str, fid: float, 
                        "gate.reason": decision.reason,
                        "gate.margin": repr(cfg.tracking.champion_margin)}.items():
         client.set_model_version_tag(name, mv.version, key, value)
+    text = describe(fid, fid_std, lineage, evaluation or {}, alias, decision.reason)
+    client.update_model_version(name, mv.version, description=text)
+    client.set_tag(run_id, "mlflow.note.content", f"Registered as {name} version {mv.version}. {text}")
     client.set_registered_model_alias(name, alias, mv.version)    # the commit point
     client.set_model_version_tag(name, mv.version, "gate.status", "done")
     return Registration(name, str(mv.version), alias, previous, decision.reason, model_uri, run_id)

@@ -193,7 +193,7 @@ def register_stage(cfg: Config, flow_run_id: str | None = None) -> dict:
         "checkpoint_step": str(info["step"]),
     }
     reg = register(uri, cfg, model_uri=model_uri, run_id=run_id, fid=float(metrics["fid"]),
-                   fid_std=float(metrics["fid_std"]), lineage=lineage)
+                   fid_std=float(metrics["fid_std"]), lineage=lineage, evaluation=metrics)
     result = {**reg.to_dict(), "fid": metrics["fid"], "fid_std": metrics["fid_std"],
               "tracking_uri": uri}
     path = registry_path(cfg)

@@ -24,6 +24,7 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")   # offline machines; no phoning home
 
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
@@ -66,18 +67,81 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow's UI opens an experiment without this tag in GenAI mode (traces, sessions); with it, on
+# the runs table of a model-training experiment
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, cfg: Config) -> str:
-    """The configured experiment, created on first use (embedded store: local artifact root)."""
+    """The configured experiment, created on first use as a model-training experiment (embedded
+    store: local artifact root); an existing one without the kind tag gets it."""
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if client.tracking_uri.startswith("sqlite:"):
-        location = (Path(cfg.tracking.local_dir).absolute() / "artifacts").as_uri()
-    try:
-        return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:      # created concurrently by another process
-        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    if exp is None:
+        location = None
+        if client.tracking_uri.startswith("sqlite:"):
+            location = (Path(cfg.tracking.local_dir).absolute() / "artifacts").as_uri()
+        try:
+            return client.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                            tags=EXPERIMENT_TAGS)
+        except mlflow.exceptions.MlflowException:      # created concurrently by another process
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    for key, value in EXPERIMENT_TAGS.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def source_tags(entry_point: str, job: bool, cwd: str | Path = ".") -> dict[str, str]:
+    """MLflow's own source tags (the UI's "Source" column and the run page): what ran, as a job
+    or locally, and the git commit, branch and repository URL where git knows them."""
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "JOB" if job else "LOCAL"}
+    commit = git_commit(cwd)
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    for key, args in (("mlflow.source.git.branch", ["rev-parse", "--abbrev-ref", "HEAD"]),
+                      ("mlflow.source.git.repoURL", ["remote", "get-url", "origin"])):
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            tags[key] = out.stdout.strip()
+    return tags
+
+
+def dvc_remote_url(cwd: str | Path = ".") -> str | None:
+    """The URL of the project's default DVC remote (where the pipeline pushes its data)."""
+    dvc_dir = Path(cwd) / ".dvc"
+    if not dvc_dir.is_dir():
+        return None
+    try:                      # the config alone: opening the Repo would create .dvc/tmp
+        from dvc.config import Config as DvcConfig
+        config = DvcConfig(dvc_dir=str(dvc_dir))
+        name = config["core"].get("remote")
+        return str(config["remote"][name]["url"]) if name else None
+    except Exception:   # noqa: BLE001 - an unreadable config, or no default remote
+        return None
+
+
+def log_datasets(client: MlflowClient, run_id: str, cfg: Config, version: str) -> None:
+    """The training split (context "training") and the held-out split ("evaluation") as MLflow
+    dataset inputs whose digest is the DVC dataset version and whose source is the DVC remote's
+    copy of that version (``files/md5/<ab>/<cdef...>.dir``), else the prepared directory."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+    remote = dvc_remote_url()
+    md5 = version.removesuffix(".dir")
+    where = (f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}.dir" if remote
+             else str(Path(cfg.data.prepared_dir).absolute()))
+    source = resolve_dataset_source(where if "://" in where else Path(where).as_uri())
+    inputs = []
+    for split, context in (("train", "training"), ("heldout", "evaluation")):
+        dataset = MetaDataset(source, name=f"{cfg.data.source}-{split}", digest=version)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                   tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -111,9 +175,14 @@ def start_training_run(cfg: Config, *, run_name: str, tags: dict[str, str] | Non
     ``dvc.lock`` (when present); returns (tracking URI, run id)."""
     uri = tracking_uri(cfg)
     client = client_for(uri)
+    tags = tags or {}
+    job = tags.get("prefect_flow_run_id") not in (None, "none")
     run = client.create_run(experiment_id(client, cfg), run_name=run_name, tags={
-        "git_commit": git_commit(), "params_hash": cfg.hash(), **(tags or {})})
+        "git_commit": git_commit(), "params_hash": cfg.hash(),
+        **source_tags("ddpm-pipeline (Prefect flow)" if job else "flows/stages.py train", job), **tags})
     run_id = run.info.run_id
+    if tags.get("dataset_version"):
+        log_datasets(client, run_id, cfg, tags["dataset_version"])
     params = [Param(k, v) for k, v in sorted(flatten(cfg.to_dict()).items())]
     for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[i:i + _MAX_PARAMS_PER_BATCH])
@@ -225,3 +294,8 @@ def log_evaluation(uri: str, run_id: str, metrics: dict[str, Any], grid_path: st
     for path in (grid_path, metrics_path):
         if path is not None and Path(path).is_file():
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    if grid_path is not None and Path(grid_path).is_file():     # in the run's images, by step
+        from PIL import Image
+        with Image.open(grid_path) as grid:
+            client.log_image(run_id, np.asarray(grid.convert("RGB")), key="evaluation_samples",
+                             step=step)

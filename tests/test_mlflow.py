@@ -6,6 +6,7 @@ against it."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -265,3 +266,79 @@ def test_models_serve_answers_invocations(server, registered, tmp_path):
         assert missing.value.code == 400 and "class_label" in missing.value.read().decode()
     finally:
         stop(proc)
+
+
+READ_BACK = """
+import json, sys
+from mlflow import MlflowClient
+url, name, runs, versions = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4].split(",")
+c = MlflowClient(url)
+out = {"experiment": c.get_experiment_by_name("t").tags, "runs": {}, "versions": {}}
+for run_id in runs:
+    r = c.get_run(run_id)
+    out["runs"][run_id] = {
+        "tags": r.data.tags, "metrics": sorted(r.data.metrics), "params": r.data.params,
+        "inputs": [{"name": d.dataset.name, "digest": d.dataset.digest, "source": d.dataset.source,
+                    "context": {t.key: t.value for t in d.tags}.get("mlflow.data.context")}
+                   for d in r.inputs.dataset_inputs],
+        "images": [a.path for a in c.list_artifacts(run_id, "images")]}
+for v in versions:
+    out["versions"][v] = c.get_model_version(name, v).description
+print(json.dumps(out))
+"""
+
+
+def test_the_ui_gets_training_runs_with_datasets_sources_and_decisions(server, registered):
+    """After a second training run and registration, what the MLflow UI shows, read back with
+    MlflowClient in another process: a model-training experiment, MLflow's source tags, the DVC
+    version as each run's dataset digest (training and held-out evaluation inputs), the metrics
+    that decide under the same names, the evaluation grid among the images, a note on each run
+    and a description on each version with the gate's decision."""
+    tmp = registered["tmp"] / "second"
+    cfg = stage_cfg(tmp, server["url"], "train.seed=1", f"extractor.path={registered['tmp'] / 'extractor.pt'}")
+    trained = train_stage(cfg, progress=False, tags={"prefect_flow_run_id": "flow-run-5678"})
+    metrics = evaluate_stage(cfg, progress=False)
+    reg = register_stage(cfg, flow_run_id="flow-run-5678")
+    runs = [registered["trained"]["mlflow_run_id"], trained["mlflow_run_id"]]
+    versions = [registered["reg"]["version"], reg["version"]]
+    done = subprocess.run([sys.executable, "-c", READ_BACK, server["url"], "digits-gen", ",".join(runs),
+                           ",".join(versions)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["experiment"]["mlflow.experimentKind"] == "custom_model_development"
+    version = metrics["dataset_version"]
+    for run_id, job in zip(runs, (False, True)):
+        run = seen["runs"][run_id]
+        tags = run["tags"]
+        assert tags["mlflow.source.type"] == ("JOB" if job else "LOCAL") and tags["mlflow.source.name"]
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"].removesuffix("-dirty")
+        assert {(i["name"], i["digest"], i["context"]) for i in run["inputs"]} == {
+            ("digits-train", version, "training"), ("digits-heldout", version, "evaluation")}
+        assert all(version.removesuffix(".dir")[2:] in i["source"] for i in run["inputs"])  # DVC remote copy
+        assert {"fid", "fid_std", "fid_over_floor", "kid", "confident_share", "class_entropy_ratio"} \
+            <= set(run["metrics"])
+        assert run["params"]["evaluate.sampler"] == cfg.evaluate.sampler
+        assert run["params"]["evaluate.steps"] == str(cfg.evaluate.steps)
+        assert any("evaluation_samples" in p for p in run["images"])     # the grid, by eye
+        assert any(p.startswith("images/samples") for p in run["images"])  # per-checkpoint grids
+        assert tags["mlflow.note.content"].startswith("Registered as digits-gen version ")
+    for v in versions:
+        text = seen["versions"][v]
+        assert text.startswith(("**champion**", "**challenger**")) and "FID " in text
+        assert f"{cfg.evaluate.steps} steps" in text and version in text and "floor" in text
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs Debian's chromium (apt-get install chromium) for headless screenshots")
+def test_ui_screenshot_script_captures_the_four_views(server, registered, tmp_path):
+    from PIL import Image
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "ui_screenshots.py"), "--tracking-uri",
+                           server["url"], "--experiment", "t", "--model", "digits-gen",
+                           "--out", str(tmp_path), "--wait-ms", "6000"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ("runs", "run", "compare", "model"):
+        with Image.open(tmp_path / f"{name}.png") as shot:
+            pixels = np.asarray(shot.convert("L"))
+        assert shot.size == (1500, 1000) and pixels.std() > 5, name     # a rendered page, not blank

@@ -1,0 +1,126 @@
+"""Screenshots of what a user sees in the MLflow UI: the experiment's runs table, a run page, the
+compare view of the two newest runs and the registered model, in headless Chromium (Debian's
+``chromium`` package: ``apt-get install chromium``).
+
+    python bench/ui_screenshots.py --store mlflow/mlflow.db --out docs/ui        # starts `mlflow ui`
+    python bench/ui_screenshots.py --tracking-uri http://127.0.0.1:5000 --out /tmp/ui
+
+With ``--store`` it starts ``mlflow ui`` on that SQLite store (in its own process group, stopped
+at the end); with ``--tracking-uri`` it uses a running server. Writes ``runs.png``, ``run.png``,
+``compare.png`` and ``model.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def pages(uri: str, experiment: str, model: str) -> dict[str, str]:
+    """The UI addresses (hash routes) of the four views, for the experiment's two newest runs."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"error: experiment {experiment!r} not found at {uri}")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=2)
+    if not runs:
+        raise SystemExit(f"error: experiment {experiment!r} has no runs")
+    ids = [r.info.run_id for r in runs]
+    compare = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([exp.experiment_id])})
+    base = uri.rstrip("/")
+    return {"runs": f"{base}/#/experiments/{exp.experiment_id}",
+            "run": f"{base}/#/experiments/{exp.experiment_id}/runs/{ids[0]}",
+            "compare": f"{base}/#/compare-runs?{compare}",
+            "model": f"{base}/#/models/{urllib.parse.quote(model)}"}
+
+
+def screenshot(url: str, out: Path, *, wait_ms: int = 12000, size: str = "1500,1000") -> Path:
+    browser = chromium()
+    if browser is None:
+        raise SystemExit("error: chromium not found; install Debian's package: apt-get install chromium")
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                               f"--window-size={size}", f"--virtual-time-budget={wait_ms}",
+                               f"--screenshot={out}", url], capture_output=True, text=True, timeout=180)
+    if done.returncode or not out.is_file():
+        raise RuntimeError(f"chromium could not capture {url}: {done.stderr[-500:]}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", type=Path, help="SQLite store to open with `mlflow ui`")
+    where.add_argument("--tracking-uri", help="a running MLflow server, e.g. http://127.0.0.1:5000")
+    p.add_argument("--experiment", default="ddpm-mnist")
+    p.add_argument("--model", default="ddpm-mnist")
+    p.add_argument("--out", type=Path, default=Path("runs/ui"))
+    p.add_argument("--wait-ms", type=int, default=12000, help="page rendering time per screenshot")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ui = None
+    uri = args.tracking_uri
+    if args.store is not None:
+        if not args.store.is_file():
+            raise SystemExit(f"error: {args.store}: no such MLflow store")
+        port = _free_port()
+        uri = f"http://127.0.0.1:{port}"
+        ui = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri",
+                               f"sqlite:///{args.store.absolute()}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        _wait(f"{uri}/health")
+        for name, url in pages(uri, args.experiment, args.model).items():
+            print(screenshot(url, args.out / f"{name}.png", wait_ms=args.wait_ms))
+    finally:
+        if ui is not None:                        # mlflow ui starts workers: stop the whole group
+            os.killpg(ui.pid, signal.SIGTERM)
+            try:
+                ui.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(ui.pid, signal.SIGKILL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
