@@ -53,18 +53,21 @@ def server(s3_endpoint, tmp_path_factory):
     port = free_port()
     env = {**os.environ, **aws, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
            "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # output to a file: a pipe that nobody reads fills up with access logs and blocks the server
+    log = (root / "server.log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", f"s3://{BUCKET}/artifacts"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", proc)
         yield {"url": url, "s3": s3_endpoint, "aws": aws}
     finally:
         stop(proc)
+        log.close()
 
 
 def stage_cfg(tmp_path, uri, *extra):
@@ -236,11 +239,11 @@ def test_models_serve_answers_invocations(server, registered, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "MLFLOW_DISABLE_TELEMETRY": "true",
            # the scoring server is started as `uvicorn` from PATH: the activated environment
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve",
                              "-m", "models:/digits-gen@champion", "--env-manager", "local",
                              "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
 
@@ -266,6 +269,7 @@ def test_models_serve_answers_invocations(server, registered, tmp_path):
         assert missing.value.code == 400 and "class_label" in missing.value.read().decode()
     finally:
         stop(proc)
+        log.close()
 
 
 READ_BACK = """
