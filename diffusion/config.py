@@ -119,6 +119,7 @@ class RayConfig:
     max_failures: int = _bound(2, ge=-1)         # worker restarts from the last checkpoint (-1: no limit)
     storage_path: str = "runs/ray"               # local directory or s3://bucket/prefix
     run_name: str = "default"                    # re-running the same name resumes
+    worker_resources: tuple[str, ...] = ()       # custom Ray resources per worker, name=amount
 
 
 @dataclass(frozen=True)

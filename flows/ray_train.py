@@ -8,18 +8,28 @@ train.batch_size x train.grad_accum x ray.num_workers. Checkpoints go through
 group resumes from ``ray.train.get_checkpoint()``, and re-running the same configuration under the
 same run name continues the run.
 
-Progress: rank 0's resolved hardware choices and its metrics travel to the driver through a Ray
-queue actor (reachable from any node), and a driver thread hands them to ``on_event``: the
-driver shows one progress display, whatever the number of workers, and worker output stays in
-Ray's logs.
+Nodes that share nothing with the driver but the network (KubeRay, cluster launcher, cloud GPU
+pools) get everything by version, never by the driver's paths:
+
+- data: each worker obtains the prepared dataset by its DVC version (:mod:`flows.datasets`: in
+  place when the path holds that version, else the node's cache, else the DVC remote; one
+  download per node);
+- tracking: workers never talk to MLflow. Rank 0's hardware choices, metrics and checkpoint
+  sample grids travel to the driver through a Ray queue actor (reachable from any node), and the
+  driver logs them, so an embedded SQLite store works with remote workers exactly as a server
+  does; the driver also shows one progress display, whatever the number of workers;
+- code: the image (``infra/``) carries the code; every worker compares a digest of its
+  ``diffusion`` and ``flows`` sources with the driver's and refuses to train on a mismatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -31,12 +41,22 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from diffusion.checkpoint import load_checkpoint
 from diffusion.config import Config, ConfigError, config_from_dict
 from diffusion.data import load_dataset
+from diffusion.prepare import dataset_version
 from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, train
+from flows.datasets import DatasetUnavailable, Remote, dvc_remote, obtain
+
+
+class CodeMismatch(ConfigError):
+    """A worker runs other code than the driver (a deployment error: every node needs the same image)."""
+
+
+WORKER_SETUP_ERRORS = (CodeMismatch, DatasetUnavailable)
 
 
 def _absolute(cfg: Config) -> Config:
@@ -45,16 +65,68 @@ def _absolute(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
+def code_version() -> dict[str, str]:
+    """A digest of the ``diffusion`` and ``flows`` sources this process imports (what decides the
+    trained model), with the torch version: equal on the driver and every worker, or no run."""
+    h = hashlib.sha256()
+    for package in ("diffusion", "flows"):
+        root = Path(__file__).resolve().parents[1] / package
+        for path in sorted(root.glob("*.py")):
+            h.update(f"{package}/{path.name}\0".encode())
+            h.update(path.read_bytes())
+    return {"digest": h.hexdigest()[:16], "torch": torch.__version__}
+
+
+def _check_code(driver: dict[str, str]) -> None:
+    mine = code_version()
+    if mine != {k: driver[k] for k in mine}:
+        raise CodeMismatch(
+            f"the worker on node {socket.gethostname()} runs code {mine['digest']} with torch "
+            f"{mine['torch']}; the driver runs {driver['digest']} with torch {driver['torch']} (git "
+            f"{driver.get('git', 'unknown')}): deploy the driver's image or commit to every node "
+            "(infra/README.md) and run again")
+
+
+def _worker_resources(cfg: Config) -> dict[str, float]:
+    """``ray.worker_resources`` entries ``name=amount``: custom resources each worker needs."""
+    out = {}
+    for item in cfg.ray.worker_resources:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or value <= 0:
+            raise ConfigError(f"ray.worker_resources: {item!r}: expected name=amount with a "
+                              "positive amount, e.g. accelerator_h100=1")
+        out[name.strip()] = value
+    return out
+
+
 def _param_checksum(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
 
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = config_from_dict(config["cfg"], "ray worker config")
-    if not cfg.ray.use_gpu:                      # one intra-op thread per CPU Ray granted us
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    queue = config.get("events")
+
+    def emit(event: dict) -> None:
+        if queue is not None:
+            queue.put(event, timeout=60)
+
+    # before any device work: the same code as the driver, and the data by version
+    _check_code(config["code"])
+    data = config["data"]
+    got = obtain(data["version"], cfg.data.prepared_dir,
+                 Remote(**data["remote"]) if data.get("remote") else None)
+    emit({"kind": "data", "rank": rank, "node": socket.gethostname(), "how": got.how,
+          "seconds": round(got.seconds, 3), "bytes": got.bytes, "path": str(got.path)})
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(got.path)))
+    if not cfg.ray.use_gpu:                      # one intra-op thread per CPU Ray granted us
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     workdir = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{rank}-"))
     resume_from = ray.train.get_checkpoint()
     if resume_from is not None:
@@ -67,28 +139,19 @@ def train_loop_per_worker(config: dict) -> None:
     resumed_from = int(load_checkpoint(workdir / CHECKPOINT_NAME)["step"]) \
         if (workdir / CHECKPOINT_NAME).exists() else 0
 
-    tracker = None
-    if rank == 0 and config.get("mlflow"):          # only rank 0 talks to MLflow
-        from flows.tracking import TrainingTracker
-        tracker = TrainingTracker(cfg, config["mlflow"]["uri"], config["mlflow"]["run_id"])
-    events = config.get("events") if rank == 0 else None
-
-    def emit(event: dict) -> None:
-        if events is not None:
-            try:
-                events.put_nowait(event)
-            except Exception:   # noqa: BLE001 - the display is best effort, training is not
-                pass
+    grids = bool(config.get("grids")) and cfg.tracking.grid_images > 0
 
     def on_metrics(step: int, metrics: dict) -> None:
         last_metrics.update(metrics, step=step)
-        if tracker is not None:
-            tracker.on_metrics(step, metrics)
-        emit({"kind": "metrics", "step": step, **metrics})
+        if rank == 0:
+            emit({"kind": "metrics", "step": step, **metrics})
 
     def on_checkpoint(step: int, path: Path) -> None:
-        if tracker is not None:
-            tracker.on_checkpoint(step, path)
+        if rank == 0 and grids:                  # the driver logs it: workers never talk to MLflow
+            from flows.tracking import sample_grid
+            t = cfg.tracking
+            emit({"kind": "grid", "step": step,
+                  "image": sample_grid(path, t.grid_images, t.grid_steps)})
         metrics = {**last_metrics, "step": step, "resumed_from": resumed_from,
                    "world_size": ctx.get_world_size()}
         if rank == 0:
@@ -96,12 +159,9 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
 
-    try:
-        result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
-                       on_checkpoint=on_checkpoint, on_setup=lambda hw: emit({"kind": "setup", **hw}))
-    finally:
-        if tracker is not None:
-            tracker.close()
+    result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
+                   on_checkpoint=on_checkpoint,
+                   on_setup=lambda hw: emit({"kind": "setup", **hw}) if rank == 0 else None)
     # every rank must hold the same weights: compare a checksum across the group
     total = _param_checksum(result.state.model)
     lo, hi = total.clone(), total.clone()
@@ -146,13 +206,15 @@ def ray_run_name(cfg: Config) -> str:
 
 
 class EventRelay:
-    """A Ray queue actor that rank 0 puts events into, and a driver thread that hands each to
-    ``on_event`` (errors there are the display's, never the training's)."""
+    """A Ray queue actor that the workers put events into, and a driver thread that hands each
+    to ``on_event``. An error there does not stop training; the first one is kept in ``error``
+    for the caller to raise once the run is over."""
 
     def __init__(self, on_event: Callable[[dict], None]) -> None:
         from ray.util.queue import Queue
         self.queue = Queue(actor_options={"num_cpus": 0})      # never takes a worker's CPU
         self.on_event = on_event
+        self.error: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="ray-train-events", daemon=True)
         self._thread.start()
@@ -160,8 +222,8 @@ class EventRelay:
     def _deliver(self, event: dict) -> None:
         try:
             self.on_event(event)
-        except Exception:   # noqa: BLE001 - a display error must not stop the relay
-            pass
+        except Exception as exc:   # noqa: BLE001 - reported after training, never stops it
+            self.error = self.error or exc
 
     def _pump(self) -> None:
         from ray.util.queue import Empty
@@ -198,24 +260,50 @@ class RayTrainResult:
     hardware: dict            # the workers' resolved device and precision, with the reasons
 
 
+def data_source(cfg: Config, version: str | None = None) -> dict:
+    """What a worker needs to obtain the prepared data: its version (hashed here when not given)
+    and the project's default DVC remote (``None`` without one)."""
+    remote = dvc_remote()
+    return {"version": version or dataset_version(cfg.data.prepared_dir),
+            "remote": dataclasses.asdict(remote) if remote else None}
+
+
 def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
-              on_event: Callable[[dict], None] | None = None) -> RayTrainResult:
+              on_event: Callable[[dict], None] | None = None,
+              dataset: str | None = None) -> RayTrainResult:
     """Run DDP training on Ray and copy the final checkpoint to ``train.out_dir``. With
-    ``mlflow_run = (tracking URI, run id)``, rank 0 logs metrics and sample grids to that run;
-    ``on_event`` receives rank 0's ``{"kind": "setup", ...}`` (resolved hardware) and
-    ``{"kind": "metrics", "step": ..., ...}`` events on the driver."""
+    ``mlflow_run = (tracking URI, run id)``, the driver logs rank 0's metrics and sample grids to
+    that run; ``on_event`` receives rank 0's ``{"kind": "setup", ...}`` (resolved hardware) and
+    ``{"kind": "metrics", "step": ..., ...}`` events and every rank's ``{"kind": "data", ...}``
+    (how it obtained the dataset) on the driver. ``dataset``: the data version, when known."""
     init_ray()
     r = cfg.ray
     _check_local_resources(cfg)
     run_name = ray_run_name(cfg)
     storage = r.storage_path if "://" in r.storage_path else str(Path(r.storage_path).absolute())
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    relay = EventRelay(on_event) if on_event is not None else None
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {}),
+                 **_worker_resources(cfg)}
+    tracker = None
+    if mlflow_run is not None:
+        from flows.tracking import TrainingTracker
+        tracker = TrainingTracker(cfg, *mlflow_run)
+
+    def deliver(event: dict) -> None:
+        if tracker is not None and event.get("kind") == "metrics":
+            tracker.on_metrics(event["step"], {k: v for k, v in event.items() if k not in ("kind", "step")})
+        if tracker is not None and event.get("kind") == "grid":
+            tracker.log_grid(event["step"], event["image"])
+            return
+        if on_event is not None:
+            on_event(dict(event))
+
+    relay = EventRelay(deliver)
+    code = {**code_version(), "git": _git_commit()}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": _absolute(cfg).to_dict(),
-                           "mlflow": {"uri": mlflow_run[0], "run_id": mlflow_run[1]} if mlflow_run else None,
-                           "events": relay.queue if relay else None},
+        train_loop_config={"cfg": _absolute(cfg).to_dict(), "code": code,
+                           "data": data_source(cfg, dataset), "events": relay.queue,
+                           "grids": tracker is not None},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
@@ -224,9 +312,16 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
     )
     try:
         result = trainer.fit()
+    except WorkerGroupError as exc:          # a worker's refusal to start, as the worker said it
+        for _, failure in sorted(exc.worker_failures.items()):
+            cause = failure if isinstance(failure, WORKER_SETUP_ERRORS) else getattr(failure, "cause", None)
+            if isinstance(cause, WORKER_SETUP_ERRORS):
+                raise cause from exc
+        raise
     finally:
-        if relay is not None:
-            relay.close()
+        relay.close()
+        if tracker is not None:
+            tracker.close()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray run {run_name!r} reported no checkpoint")
     out = Path(cfg.train.out_dir)
@@ -235,9 +330,17 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
         for name in (CHECKPOINT_NAME, METRICS_NAME):
             if (Path(d) / name).exists():
                 shutil.copy(Path(d) / name, out / name)
+    if relay.error is not None:
+        raise RuntimeError(f"training finished (checkpoint in {out}), but the driver could not "
+                           f"log rank 0's events: {relay.error}") from relay.error
     final = load_checkpoint(out / CHECKPOINT_NAME)
     step = int(final["step"])
     return RayTrainResult(out / CHECKPOINT_NAME, run_name, step, dict(result.metrics or {}),
                           result.checkpoint.path, float(final.get("train_seconds", 0.0)),
                           "steps" if step >= cfg.train.steps else "budget",
                           json.loads(final.get("hardware") or "{}"))
+
+
+def _git_commit() -> str:
+    from flows.tracking import git_commit
+    return git_commit(Path(__file__).resolve().parents[1])

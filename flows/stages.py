@@ -82,10 +82,10 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
     if cfg.ray.enabled:                       # ray is imported only when it trains
         from flows.ray_train import ray_run_name, ray_train
         ray_name = ray_run_name(cfg)
+    version = dataset_version(cfg.data.prepared_dir)
     uri, run_id = start_training_run(
         cfg, run_name=ray_name if cfg.ray.enabled else Path(cfg.train.out_dir).name,
-        tags={"ray_run_name": ray_name, "dataset_version": dataset_version(cfg.data.prepared_dir),
-              **(tags or {})})
+        tags={"ray_run_name": ray_name, "dataset_version": version, **(tags or {})})
     client = client_for(uri)
     monitor = None
     if cfg.tracking.system_metrics_every > 0:
@@ -98,16 +98,26 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
         if progress:
             console().hardware("train", hardware)
 
-    def on_event(event: dict) -> None:              # relayed from rank 0 of the Ray workers
+    data_obtained: dict[str, str] = {}
+
+    def on_event(event: dict) -> None:              # relayed from the Ray workers
         kind = event.pop("kind", "")
         if kind == "setup":
             on_setup(event)
         elif kind == "metrics" and display is not None:
             display.update(event.pop("step"), event)
+        elif kind == "data":                        # how each rank got the dataset version
+            how = f"{event['how']} on {event['node']} ({event['seconds']:.1f} s)"
+            data_obtained[f"rank{event['rank']}"] = how
+            client.set_tag(run_id, f"data.rank{event['rank']}", how)
+            if progress and event["how"] == "downloaded":
+                console().line(f"[train] rank {event['rank']} on {event['node']}: dataset "
+                               f"{version[:12]} downloaded from the DVC remote, "
+                               f"{event['bytes'] / 1e6:.1f} MB in {event['seconds']:.1f} s")
 
     try:
         if cfg.ray.enabled:
-            r = ray_train(cfg, (uri, run_id), on_event=on_event)
+            r = ray_train(cfg, (uri, run_id), on_event=on_event, dataset=version)
             step, checkpoint, hardware = r.step, r.checkpoint, r.hardware
             extra = {**{k: r.metrics.get(k) for k in ("resumed_from", "world_size")},
                      "stopped_by": r.stopped_by, "train_loop_seconds": round(r.train_seconds, 2)}
@@ -142,7 +152,8 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
     client.set_terminated(run_id, "FINISHED")
     info = {"step": step, "checkpoint": str(checkpoint), "mlflow_run_id": run_id,
             "tracking_uri": uri, "ray_run_name": ray_name,
-            "seconds": round(seconds, 2), **extra, "hardware": hardware}
+            "seconds": round(seconds, 2), **extra, "hardware": hardware,
+            **({"data_obtained": data_obtained} if data_obtained else {})}
     (Path(cfg.train.out_dir) / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
 

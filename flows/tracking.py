@@ -249,13 +249,18 @@ class TrainingTracker:
         self.buffer.log(step, metrics)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self.buffer.flush()
         t = self.cfg.tracking
         if t.grid_images:
             started = time.perf_counter()
-            grid = sample_grid(path, t.grid_images, t.grid_steps)
-            self.client.log_image(self.run_id, grid, key="samples", step=step)
+            self.log_grid(step, sample_grid(path, t.grid_images, t.grid_steps))
             self.grid_seconds += time.perf_counter() - started
+        else:
+            self.buffer.flush()
+
+    def log_grid(self, step: int, grid) -> None:
+        """A checkpoint's sample grid (made here, or by a Ray worker and relayed)."""
+        self.buffer.flush()
+        self.client.log_image(self.run_id, grid, key="samples", step=step)
 
     def close(self) -> None:
         self.buffer.flush()

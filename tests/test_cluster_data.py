@@ -1,0 +1,223 @@
+"""Ray workers on nodes that share nothing with the driver but the network (issue 15), with real
+components: a Ray head started by ``ray start``, and raylets started inside their own mount
+namespace (``unshare --mount``) in which tmpfs hides the project's ``data/`` and ``mlflow/``
+directories, so their workers see neither the prepared data nor the embedded SQLite store; the
+DVC remote is moto's S3 server, filled by a real ``dvc push``.
+
+Nodes: the head (1 CPU), ``remote`` (2 CPUs, custom resource ``remote: 2``: both workers of a run
+land there) and ``stale`` (1 CPU, resource ``stale: 1``, where one of the ``diffusion`` sources is
+bind-mounted over with a changed copy: a node with other code)."""
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from diffusion.config import load_config
+from diffusion.prepare import dataset_version
+from tests.conftest import free_port
+from tests.helpers import REPO, digits_dir, sh
+
+pytest.importorskip("ray")
+
+BIN = Path(sys.executable).parent
+UNSHARE = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _can_unshare() or shutil.which("mount") is None,
+                                reason="needs unshare --mount (Linux mount namespaces)")
+
+
+@pytest.fixture(scope="module")
+def project(s3_endpoint, tmp_path_factory):
+    """A DVC project whose prepared data is pushed to an S3 remote on moto (real dvc commands)."""
+    root = tmp_path_factory.mktemp("cluster") / "project"
+    shutil.copytree(digits_dir(), root / "data" / "prepared")
+    (root / "mlflow").mkdir()
+    aws = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "very-secret-value-123",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    boto3.client("s3", endpoint_url=s3_endpoint, **{
+        "aws_access_key_id": aws["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": aws["AWS_SECRET_ACCESS_KEY"],
+        "region_name": "us-east-1"}).create_bucket(Bucket="dvc-remote")
+    env = {**os.environ, **aws, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("AWS_ENDPOINT_URL", None)                 # the remote's own endpointurl must be enough
+    sh("dvc", "init", "--no-scm", "-q", cwd=root, env=env)
+    sh("dvc", "remote", "add", "-d", "store", "s3://dvc-remote/cache", cwd=root, env=env)
+    sh("dvc", "remote", "modify", "store", "endpointurl", s3_endpoint, cwd=root, env=env)
+    sh("dvc", "add", "-q", "data/prepared", cwd=root, env=env)
+    sh("dvc", "push", "-q", cwd=root, env=env)
+    version = dataset_version(root / "data" / "prepared")
+    assert f"md5: {version}" in (root / "data" / "prepared.dvc").read_text()   # DVC agrees
+    return {"root": root, "aws": aws, "version": version, "s3": s3_endpoint}
+
+
+def _ports(base: int) -> list[str]:
+    """Ports of their own for the raylets that share this machine's address (the defaults
+    collide: two dashboard agents on 52365), and a worker-port range starting at ``base``."""
+    named = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    return [f"{flag}={free_port()}" for flag in named] + [
+        f"--min-worker-port={base}", f"--max-worker-port={base + 199}"]
+
+
+def _ray(*args, env):
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+WAIT_FOR_NODES = """
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+deadline = time.time() + 120
+while len([n for n in ray.nodes() if n["Alive"]]) < int(sys.argv[2]) and time.time() < deadline:
+    time.sleep(0.5)
+print(len([n for n in ray.nodes() if n["Alive"]]))
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(project, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nodes")
+    root = project["root"]
+    # Ray >= 2.59 authenticates cluster calls with a token: one shared secret on every node and
+    # the driver, given as KubeRay and the cluster launcher give it, through the environment
+    env = {**os.environ, **project["aws"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    port = free_port()
+    head = _ray("start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                "--disable-usage-stats", *_ports(20000),
+                env={**env, "DDPM_CACHE_DIR": str(tmp / "head-cache")})
+    assert head.returncode == 0, head.stderr
+    address = f"127.0.0.1:{port}"
+    stale_copy = tmp / "ema.py"
+    stale_copy.write_text((REPO / "diffusion" / "ema.py").read_text() + "# another version\n")
+    nodes = {
+        "remote": (f"mount -t tmpfs none {root / 'data'} && mount -t tmpfs none {root / 'mlflow'}",
+                   2, {"remote": 2}),
+        "stale": (f"mount --bind {stale_copy} {REPO / 'diffusion' / 'ema.py'}", 1, {"stale": 1}),
+    }
+    procs, logs = [], []
+    try:
+        for k, (name, (mounts, cpus, resources)) in enumerate(nodes.items()):
+            (tmp / f"{name}-cache").mkdir()
+            log = (tmp / f"{name}.log").open("w")
+            logs.append(log)
+            start = (f"{mounts} && exec {BIN / 'ray'} start --address={address} --num-cpus={cpus} "
+                     f"--resources='{json.dumps(resources)}' --disable-usage-stats --block "
+                     + " ".join(_ports(20200 + 200 * k)))
+            procs.append(subprocess.Popen([*UNSHARE, "sh", "-c", start], stdout=log,
+                                          stderr=subprocess.STDOUT,
+                                          env={**env, "DDPM_CACHE_DIR": str(tmp / f"{name}-cache")}))
+            joined = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(k + 2)],
+                                    env=env, capture_output=True, text=True, timeout=180)
+            assert joined.stdout.strip().endswith(str(k + 2)), (
+                f"raylet {name!r} did not join: {joined.stderr[-800:]} "
+                f"{(tmp / f'{name}.log').read_text()[-800:]}")
+        yield {"env": {**env, "RAY_ADDRESS": address},
+               "caches": {n: tmp / f"{n}-cache" / "datasets" for n in ("head", *nodes)}}
+    finally:
+        _ray("stop", "--force", env=env)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for log in logs:
+            log.close()
+
+
+def train_on_cluster(project, cluster, tmp_path, *extra):
+    """``python -m flows.stages train`` as a user runs it against the cluster (RAY_ADDRESS),
+    from the project directory; returns the finished process and run.json when written."""
+    overrides = [
+        "data.source=digits", "data.resolution=8", "data.prepared_dir=data/prepared",
+        "model.preset=tiny", "train.steps=4", "train.batch_size=8", "train.checkpoint_every=2",
+        "train.log_every=1", "train.warmup_steps=2", "train.budget_minutes=0",
+        f"train.out_dir={tmp_path / 'out'}", "ray.num_workers=2", "ray.worker_resources=[remote=1]",
+        f"ray.storage_path={tmp_path / 'ray'}", f"tracking.local_dir={project['root'] / 'mlflow'}",
+        "tracking.grid_images=4", "tracking.grid_steps=2", "tracking.system_metrics_every=0", *extra]
+    done = subprocess.run([sys.executable, "-m", "flows.stages", "train", "--params",
+                           str(REPO / "params.yaml"), *overrides], cwd=project["root"],
+                          env=cluster["env"], capture_output=True, text=True, timeout=600)
+    run_json = tmp_path / "out" / "run.json"
+    return done, (json.loads(run_json.read_text()) if done.returncode == 0 else None)
+
+
+def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, tmp_path):
+    """Both workers on the node that cannot see data/: one downloads from S3, the other waits
+    for it and reads the node's cache; rank 0's metrics and grids reach the embedded SQLite
+    store (which that node cannot see either) through the driver; a second run downloads
+    nothing."""
+    version = project["version"]
+    done, info = train_on_cluster(project, cluster, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert info["step"] == 4 and info["world_size"] == 2
+    hows = sorted(v.split(" on ")[0] for v in info["data_obtained"].values())
+    assert hows == ["downloaded", "node cache"], info["data_obtained"]
+    assert "downloaded from the DVC remote" in done.stdout                     # said on the console
+    cache = cluster["caches"]["remote"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([version, f"{version}.lock", "downloads.log"])
+    assert dataset_version(cache / version) == version               # exactly the pushed version
+    downloads = [json.loads(line) for line in (cache / "downloads.log").read_text().splitlines()]
+    assert [(d["version"], d["remote"]) for d in downloads] == [(version, "s3://dvc-remote/cache")]
+    assert not cluster["caches"]["head"].exists() and not cluster["caches"]["stale"].exists()
+
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{project['root'] / 'mlflow' / 'mlflow.db'}")
+    history = client.get_metric_history(info["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]        # routed through the driver
+    images = [a.path for a in client.list_artifacts(info["mlflow_run_id"], "images")]
+    assert any(p.startswith("images/samples") for p in images)
+    assert client.get_run(info["mlflow_run_id"]).data.tags["data.rank0"].startswith(
+        ("downloaded on", "node cache on"))
+
+    done, again = train_on_cluster(project, cluster, tmp_path, "ray.run_name=second")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {v.split(" on ")[0] for v in again["data_obtained"].values()} == {"node cache"}
+    assert len((cache / "downloads.log").read_text().splitlines()) == 1
+
+
+def test_a_version_missing_on_the_remote_fails_before_training(project, cluster, tmp_path):
+    other = project["root"] / "data" / "other"     # prepared, never pushed; hidden from the node
+    shutil.copytree(project["root"] / "data" / "prepared", other)
+    (other / "notes.txt").write_text("changed after the push\n")
+    version = dataset_version(other)
+    done, _ = train_on_cluster(project, cluster, tmp_path, f"data.prepared_dir={other}",
+                               "ray.max_failures=0", "ray.num_workers=1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (f"error: train stage: dataset version {version} is not on the DVC remote "
+            "s3://dvc-remote/cache") in done.stderr
+    assert "dvc push" in done.stderr
+    assert not list((tmp_path / "ray").rglob("checkpoint.pt"))            # nothing was trained
+
+
+def test_a_worker_with_other_code_refuses_to_train(project, cluster, tmp_path):
+    done, _ = train_on_cluster(project, cluster, tmp_path, "ray.worker_resources=[stale=1]",
+                               "ray.max_failures=0", "ray.num_workers=1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: train stage: the worker on node" in done.stderr
+    assert "the driver runs" in done.stderr and "deploy the driver's image" in done.stderr
+    assert not list((tmp_path / "ray").rglob("checkpoint.pt"))
+
+
+def test_bad_worker_resources_are_refused_with_the_key(tmp_path):
+    from diffusion.config import ConfigError
+    from flows.ray_train import _worker_resources
+    cfg = load_config(None, ["ray.worker_resources=[remote]", f"ray.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"ray.worker_resources: 'remote': expected name=amount"):
+        _worker_resources(cfg)
