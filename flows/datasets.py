@@ -167,6 +167,15 @@ def _download(reader: _Reader, version: str, target: Path, workers: int) -> int:
         return sum(pool.map(one, entries))
 
 
+def remote_has(version: str, remote: Remote) -> bool:
+    """Whether the remote holds the version's listing (one small request)."""
+    try:
+        _Reader(remote).read(version.removesuffix(".dir") + ".dir")
+        return True
+    except Exception:   # noqa: BLE001 - missing, no access, unreachable: not obtainable
+        return False
+
+
 # --------------------------------------------------------------------------- the entry point
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from diffusion.config import Config, ConfigError, config_from_dict
 from diffusion.data import load_dataset
 from diffusion.prepare import dataset_version
 from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, train
-from flows.datasets import DatasetUnavailable, Remote, dvc_remote, obtain
+from flows.datasets import DatasetUnavailable, Remote, dvc_remote, obtain, remote_has
 
 
 class CodeMismatch(ConfigError):
@@ -179,7 +179,8 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        # "local": always a new cluster of our own, even when `ray start` left one running here
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
 
 
 def _check_local_resources(cfg: Config) -> None:
@@ -299,10 +300,17 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
 
     relay = EventRelay(deliver)
     code = {**code_version(), "git": _git_commit()}
+    source = data_source(cfg, dataset)
+    if os.environ.get("RAY_ADDRESS") and source["remote"] and not remote_has(
+            source["version"], Remote(**source["remote"])):
+        from flows.console import console             # say it before the workers fail
+        console().warning(f"dataset version {source['version']} is not on the DVC remote "
+                          f"{source['remote']['url']}: workers on nodes without "
+                          f"{Path(cfg.data.prepared_dir).absolute()} cannot train; run dvc push")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": _absolute(cfg).to_dict(), "code": code,
-                           "data": data_source(cfg, dataset), "events": relay.queue,
+                           "data": source, "events": relay.queue,
                            "grids": tracker is not None},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=resources),

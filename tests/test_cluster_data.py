@@ -50,9 +50,11 @@ def project(s3_endpoint, tmp_path_factory):
     (root / "mlflow").mkdir()
     aws = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "very-secret-value-123",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    boto3.client("s3", endpoint_url=s3_endpoint, **{
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, **{
         "aws_access_key_id": aws["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": aws["AWS_SECRET_ACCESS_KEY"],
-        "region_name": "us-east-1"}).create_bucket(Bucket="dvc-remote")
+        "region_name": "us-east-1"})
+    for bucket in ("dvc-remote", "ray-checkpoints"):
+        s3.create_bucket(Bucket=bucket)
     env = {**os.environ, **aws, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     env.pop("AWS_ENDPOINT_URL", None)                 # the remote's own endpointurl must be enough
     sh("dvc", "init", "--no-scm", "-q", cwd=root, env=env)
@@ -74,8 +76,12 @@ def _ports(base: int) -> list[str]:
         f"--min-worker-port={base}", f"--max-worker-port={base + 199}"]
 
 
+# `ray` through this interpreter: a raylet starts its workers with the Python that started it
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
 def _ray(*args, env):
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run([*RAY, *args], env=env, capture_output=True, text=True, timeout=180)
 
 
 WAIT_FOR_NODES = """
@@ -96,8 +102,11 @@ def cluster(project, tmp_path_factory):
     # the driver, given as KubeRay and the cluster launcher give it, through the environment
     env = {**os.environ, **project["aws"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0"}
-    for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
+    # S3 endpoint for Ray's checkpoint storage (pyarrow reads the standard setting); the data
+    # path does not need it: workers take the DVC remote's own endpointurl
+    env["AWS_ENDPOINT_URL"] = project["s3"]
     port = free_port()
     head = _ray("start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                 "--disable-usage-stats", *_ports(20000),
@@ -117,7 +126,7 @@ def cluster(project, tmp_path_factory):
             (tmp / f"{name}-cache").mkdir()
             log = (tmp / f"{name}.log").open("w")
             logs.append(log)
-            start = (f"{mounts} && exec {BIN / 'ray'} start --address={address} --num-cpus={cpus} "
+            start = (f"{mounts} && exec {' '.join(RAY)} start --address={address} --num-cpus={cpus} "
                      f"--resources='{json.dumps(resources)}' --disable-usage-stats --block "
                      + " ".join(_ports(20200 + 200 * k)))
             procs.append(subprocess.Popen([*UNSHARE, "sh", "-c", start], stdout=log,
@@ -161,10 +170,11 @@ def train_on_cluster(project, cluster, tmp_path, *extra):
 def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, tmp_path):
     """Both workers on the node that cannot see data/: one downloads from S3, the other waits
     for it and reads the node's cache; rank 0's metrics and grids reach the embedded SQLite
-    store (which that node cannot see either) through the driver; a second run downloads
-    nothing."""
+    store (which that node cannot see either) through the driver; checkpoints go through S3;
+    a second run resumes from S3 and downloads nothing."""
     version = project["version"]
-    done, info = train_on_cluster(project, cluster, tmp_path)
+    storage = "ray.storage_path=s3://ray-checkpoints/runs"
+    done, info = train_on_cluster(project, cluster, tmp_path, storage)
     assert done.returncode == 0, done.stderr[-3000:]
     assert info["step"] == 4 and info["world_size"] == 2
     hows = sorted(v.split(" on ")[0] for v in info["data_obtained"].values())
@@ -186,8 +196,16 @@ def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, 
     assert client.get_run(info["mlflow_run_id"]).data.tags["data.rank0"].startswith(
         ("downloaded on", "node cache on"))
 
-    done, again = train_on_cluster(project, cluster, tmp_path, "ray.run_name=second")
+    assert Path(info["checkpoint"]).is_file()        # copied from S3 to train.out_dir
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=project["s3"], region_name="us-east-1", **{
+        "aws_access_key_id": project["aws"]["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": project["aws"]["AWS_SECRET_ACCESS_KEY"]}).list_objects_v2(
+        Bucket="ray-checkpoints", Prefix="runs/")["Contents"]]
+    assert any(k.endswith("/checkpoint.pt") for k in keys)
+
+    done, again = train_on_cluster(project, cluster, tmp_path, storage, "train.steps=6")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert again["step"] == 6 and again["resumed_from"] == 4          # resumed from S3
     assert {v.split(" on ")[0] for v in again["data_obtained"].values()} == {"node cache"}
     assert len((cache / "downloads.log").read_text().splitlines()) == 1
 
@@ -203,6 +221,7 @@ def test_a_version_missing_on_the_remote_fails_before_training(project, cluster,
     assert (f"error: train stage: dataset version {version} is not on the DVC remote "
             "s3://dvc-remote/cache") in done.stderr
     assert "dvc push" in done.stderr
+    assert f"warning: dataset version {version} is not on the DVC remote" in done.stdout  # said first
     assert not list((tmp_path / "ray").rglob("checkpoint.pt"))            # nothing was trained
 
 

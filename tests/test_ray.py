@@ -57,26 +57,6 @@ def test_two_workers_match_one_process_with_double_batch_then_resume(tmp_path):
     assert torch.isfinite(torch.tensor(again.metrics["loss"]))
 
 
-def test_multi_node_cluster_places_one_worker_per_node(tmp_path):
-    """Two raylets of one CPU each: two 1-CPU workers can only run one per node."""
-    from ray.cluster_utils import Cluster
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = load_config(None, BASE + ["train.steps=2", "train.batch_size=8", "ray.num_workers=2",
-                                        f"ray.storage_path={tmp_path / 'ray'}", "ray.run_name=multi",
-                                        f"train.out_dir={tmp_path / 'out'}"])
-        result = ray_train(cfg)
-        assert result.step == 2 and result.metrics["world_size"] == 2
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 def _worker_pids():
     pids = []
     for entry in os.listdir("/proc"):
