@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -80,10 +81,6 @@ def _ports(base: int) -> list[str]:
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def _ray(*args, env):
-    return subprocess.run([*RAY, *args], env=env, capture_output=True, text=True, timeout=180)
-
-
 WAIT_FOR_NODES = """
 import sys, time, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
@@ -108,46 +105,56 @@ def cluster(project, tmp_path_factory):
     # path does not need it: workers take the DVC remote's own endpointurl
     env["AWS_ENDPOINT_URL"] = project["s3"]
     port = free_port()
-    head = _ray("start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                "--disable-usage-stats", *_ports(20000),
-                env={**env, "DDPM_CACHE_DIR": str(tmp / "head-cache")})
-    assert head.returncode == 0, head.stderr
     address = f"127.0.0.1:{port}"
     stale_copy = tmp / "ema.py"
     stale_copy.write_text((REPO / "diffusion" / "ema.py").read_text() + "# another version\n")
+    # every node is a `ray start --block` of its own session, stopped by signalling that session
+    # at the end (`ray stop` would stop every Ray cluster on the machine, not only this one)
     nodes = {
+        "head": ("true", 1, {}, ["--head", f"--port={port}", "--include-dashboard=false"]),
         "remote": (f"mount -t tmpfs none {root / 'data'} && mount -t tmpfs none {root / 'mlflow'}",
-                   2, {"remote": 2}),
-        "stale": (f"mount --bind {stale_copy} {REPO / 'diffusion' / 'ema.py'}", 1, {"stale": 1}),
+                   2, {"remote": 2}, [f"--address={address}"]),
+        "stale": (f"mount --bind {stale_copy} {REPO / 'diffusion' / 'ema.py'}", 1, {"stale": 1},
+                  [f"--address={address}"]),
     }
     procs, logs = [], []
     try:
-        for k, (name, (mounts, cpus, resources)) in enumerate(nodes.items()):
+        for k, (name, (mounts, cpus, resources, role)) in enumerate(nodes.items()):
             (tmp / f"{name}-cache").mkdir()
             log = (tmp / f"{name}.log").open("w")
             logs.append(log)
-            start = (f"{mounts} && exec {' '.join(RAY)} start --address={address} --num-cpus={cpus} "
+            start = (f"{mounts} && exec {' '.join(RAY)} start {' '.join(role)} --num-cpus={cpus} "
                      f"--resources='{json.dumps(resources)}' --disable-usage-stats --block "
-                     + " ".join(_ports(20200 + 200 * k)))
-            procs.append(subprocess.Popen([*UNSHARE, "sh", "-c", start], stdout=log,
-                                          stderr=subprocess.STDOUT,
+                     + " ".join(_ports(20000 + 200 * k)))
+            namespace = UNSHARE if name != "head" else []
+            procs.append(subprocess.Popen([*namespace, "sh", "-c", start], stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True,
                                           env={**env, "DDPM_CACHE_DIR": str(tmp / f"{name}-cache")}))
-            joined = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(k + 2)],
+            joined = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(k + 1)],
                                     env=env, capture_output=True, text=True, timeout=180)
-            assert joined.stdout.strip().endswith(str(k + 2)), (
+            assert joined.stdout.strip().endswith(str(k + 1)), (
                 f"raylet {name!r} did not join: {joined.stderr[-800:]} "
                 f"{(tmp / f'{name}.log').read_text()[-800:]}")
         yield {"env": {**env, "RAY_ADDRESS": address},
-               "caches": {n: tmp / f"{n}-cache" / "datasets" for n in ("head", *nodes)}}
+               "caches": {n: tmp / f"{n}-cache" / "datasets" for n in nodes}}
     finally:
-        _ray("stop", "--force", env=env)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for p in reversed(procs):
+            _stop_session(p)
         for log in logs:
             log.close()
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def train_on_cluster(project, cluster, tmp_path, *extra):
