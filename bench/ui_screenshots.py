@@ -66,10 +66,13 @@ def pages(uri: str, experiment: str, model: str) -> dict[str, str]:
     ids = [r.info.run_id for r in runs]
     compare = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([exp.experiment_id])})
     base = uri.rstrip("/")
-    return {"runs": f"{base}/#/experiments/{exp.experiment_id}",
-            "run": f"{base}/#/experiments/{exp.experiment_id}/runs/{ids[0]}",
-            "compare": f"{base}/#/compare-runs?{compare}",
-            "model": f"{base}/#/models/{urllib.parse.quote(model)}"}
+    # MLflow 3's UI keeps a per-browser GenAI / model-training switch that starts on GenAI; the
+    # workflowType parameter opens the model-training views whatever the browser remembers
+    training = "workflowType=machine_learning"
+    return {"runs": f"{base}/#/experiments/{exp.experiment_id}/runs?{training}",
+            "run": f"{base}/#/experiments/{exp.experiment_id}/runs/{ids[0]}?{training}",
+            "compare": f"{base}/#/compare-runs?{compare}&{training}",
+            "model": f"{base}/#/models/{urllib.parse.quote(model)}?{training}"}
 
 
 def screenshot(url: str, out: Path, *, wait_ms: int = 12000, size: str = "1500,1000") -> Path:

@@ -167,10 +167,13 @@ def _run(name: str, task_fn, *args, detail=None):
 
 def _ui_links(reg: dict) -> tuple[str, str]:
     uri = reg.get("tracking_uri", "")
+    # the experiment's training runs; MLflow 3's UI otherwise opens a fresh browser in GenAI mode
+    page = (f"/#/experiments/{reg['experiment_id']}/runs?workflowType=machine_learning"
+            if reg.get("experiment_id") else "")
     if uri.startswith("http"):
-        mlflow_ui = uri
+        mlflow_ui = uri.rstrip("/") + page
     else:
-        mlflow_ui = f"`mlflow ui --backend-store-uri {uri}` then http://127.0.0.1:5000"
+        mlflow_ui = f"`mlflow ui --backend-store-uri {uri}` then http://127.0.0.1:5000{page}"
     from prefect.settings import PREFECT_API_URL
     api = PREFECT_API_URL.value() or ""
     prefect_ui = api.removesuffix("/api") if api else "`prefect server start` then http://127.0.0.1:4200"

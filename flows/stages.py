@@ -205,8 +205,10 @@ def register_stage(cfg: Config, flow_run_id: str | None = None) -> dict:
     }
     reg = register(uri, cfg, model_uri=model_uri, run_id=run_id, fid=float(metrics["fid"]),
                    fid_std=float(metrics["fid_std"]), lineage=lineage, evaluation=metrics)
+    from flows.tracking import client_for
     result = {**reg.to_dict(), "fid": metrics["fid"], "fid_std": metrics["fid_std"],
-              "tracking_uri": uri}
+              "tracking_uri": uri,
+              "experiment_id": client_for(uri).get_run(run_id).info.experiment_id}
     path = registry_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
