@@ -239,7 +239,8 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
            if k in metrics},
         "model": reg["name"], "version": reg["version"],
         "alias": reg["alias"], "reason": reg["reason"], "mlflow_run_id": reg["run_id"],
-        "tracking_uri": reg["tracking_uri"], "seconds": round(time.perf_counter() - started, 1),
+        "tracking_uri": reg["tracking_uri"], "experiment_id": reg.get("experiment_id"),
+        "seconds": round(time.perf_counter() - started, 1),
     }
     create_markdown_artifact(key=FLOW_NAME, description="ddpm-pipeline run summary", markdown="\n".join([
         f"# {FLOW_NAME}: {reg['name']} v{reg['version']} -> `{reg['alias']}`",

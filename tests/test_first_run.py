@@ -45,6 +45,8 @@ def test_first_run_on_an_empty_home_with_a_readable_console(tmp_path):
     progress = [x for x in lines if x.startswith("  train: step ")]
     assert progress and len(progress) == len(set(progress)) and progress[-1].startswith("  train: step 30, ")
     assert "ddpm-pipeline finished in" in done.stdout and "-> alias 'champion'" in done.stdout
+    # the MLflow link opens the experiment's training runs (not the UI's GenAI start page)
+    assert re.search(r"MLflow UI +: .*#/experiments/\d+/runs\?workflowType=machine_learning", done.stdout)
     # nothing of the libraries' own output, no tracebacks: all of it is in the log file
     for noise in ("Failed to query", "Traceback", "GetTimeoutError", "RayTrainWorker", "INFO",
                   "WARNING", "Task run", "mlflow.store", "mlflow.system_metrics", "UserWarning"):
