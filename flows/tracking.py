@@ -109,20 +109,6 @@ def source_tags(entry_point: str, job: bool, cwd: str | Path = ".") -> dict[str,
     return tags
 
 
-def dvc_remote_url(cwd: str | Path = ".") -> str | None:
-    """The URL of the project's default DVC remote (where the pipeline pushes its data)."""
-    dvc_dir = Path(cwd) / ".dvc"
-    if not dvc_dir.is_dir():
-        return None
-    try:                      # the config alone: opening the Repo would create .dvc/tmp
-        from dvc.config import Config as DvcConfig
-        config = DvcConfig(dvc_dir=str(dvc_dir))
-        name = config["core"].get("remote")
-        return str(config["remote"][name]["url"]) if name else None
-    except Exception:   # noqa: BLE001 - an unreadable config, or no default remote
-        return None
-
-
 def log_datasets(client: MlflowClient, run_id: str, cfg: Config, version: str) -> None:
     """The training split (context "training") and the held-out split ("evaluation") as MLflow
     dataset inputs whose digest is the DVC dataset version and whose source is the DVC remote's
@@ -131,9 +117,13 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: Config, version: str) -
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-    remote = dvc_remote_url()
+    from flows.datasets import DatasetUnavailable, dvc_remote
+    try:
+        remote = dvc_remote()
+    except DatasetUnavailable:        # an unreadable DVC config: name the prepared directory
+        remote = None
     md5 = version.removesuffix(".dir")
-    where = (f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}.dir" if remote
+    where = (f"{remote.url.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}.dir" if remote
              else str(Path(cfg.data.prepared_dir).absolute()))
     source = resolve_dataset_source(where if "://" in where else Path(where).as_uri())
     inputs = []
