@@ -35,6 +35,7 @@ from pathlib import Path
 
 from diffusion.hardware import CACHE_ENV
 from diffusion.prepare import DataError, dataset_version, file_md5
+from flows.s3 import safe_relative_key
 
 
 class DatasetUnavailable(DataError):
@@ -125,10 +126,9 @@ def _listing(reader: _Reader, version: str) -> list[dict]:
         raise DatasetUnavailable(f"dataset version {version} on {reader.remote}: the listing "
                                  f"hashes to {check}.dir; the remote copy is corrupt")
     for e in entries:
-        rel = e["relpath"]
-        if rel.startswith("/") or ".." in rel.split("/") or "\\" in rel:
+        if safe_relative_key(e["relpath"], "") is None:     # the S3 source's rule for keys
             raise DatasetUnavailable(f"dataset version {version} on {reader.remote}: entry "
-                                     f"{rel!r} would escape the dataset directory; refused")
+                                     f"{e['relpath']!r} would escape the dataset directory; refused")
     return entries
 
 

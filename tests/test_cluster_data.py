@@ -247,3 +247,25 @@ def test_bad_worker_resources_are_refused_with_the_key(tmp_path):
     cfg = load_config(None, ["ray.worker_resources=[remote]", f"ray.storage_path={tmp_path}"])
     with pytest.raises(ConfigError, match=r"ray.worker_resources: 'remote': expected name=amount"):
         _worker_resources(cfg)
+
+
+def test_a_remote_listing_that_escapes_or_is_corrupt_is_refused(tmp_path):
+    import hashlib
+    from flows.datasets import DatasetUnavailable, Remote, obtain
+
+    def put(entries, digest=None):
+        blob = json.dumps(entries, sort_keys=True).encode()
+        md5 = digest or hashlib.md5(blob).hexdigest()
+        path = tmp_path / "remote" / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+        return f"{md5}.dir"
+
+    remote = Remote(str(tmp_path / "remote"))
+    escaping = put([{"md5": "0" * 32, "relpath": "../outside.npy"}])
+    with pytest.raises(DatasetUnavailable, match="would escape the dataset directory"):
+        obtain(escaping, tmp_path / "absent", remote, cache=tmp_path / "cache")
+    corrupt = put([{"md5": "0" * 32, "relpath": "a.npy"}], digest="f" * 32)
+    with pytest.raises(DatasetUnavailable, match="the remote copy is corrupt"):
+        obtain(corrupt, tmp_path / "absent", remote, cache=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.dir"))            # nothing half-written kept
