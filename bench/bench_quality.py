@@ -177,7 +177,7 @@ def run_diffusers(minutes: float, args, extractor) -> None:
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = load_prepared(args.work / "prepared", "train").images.float() / 127.5 - 1
+    data = load_prepared(args.work / "prepared", "train", in_memory=True).images.float() / 127.5 - 1
     g = torch.Generator().manual_seed(0)
     step, start = 0, time.perf_counter()
     while time.perf_counter() - start < minutes * 60:

@@ -1,8 +1,16 @@
-"""Training data: the prepared dataset (see :mod:`diffusion.prepare`) as uint8 tensors."""
+"""Training data: the prepared dataset (see :mod:`diffusion.prepare`) as uint8 images.
+
+A split is read from its ``.npy`` shards on demand (:class:`ShardReader`): each request reads
+just the images it names with positioned reads through the page cache, so a process's resident
+memory does not grow with the dataset, and the workers of a node share one cached copy. Only the
+labels (8 bytes an image) are held in memory. ``load_prepared(..., in_memory=True)`` reads the
+whole split into one tensor instead (small data, benchmarks).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +21,136 @@ import torch
 from diffusion.config import ConfigError, DataConfig
 
 
+class ShardReader:
+    """The uint8 (N, C, H, W) images of one split, stored in ``.npy`` shards, indexed like a
+    tensor: ``reader[i]``, ``reader[a:b]`` and ``reader[index_tensor]`` return uint8 tensors (a
+    copy of just those images). Picklable: a copy sent to another process reopens the files."""
+
+    dtype = torch.uint8
+
+    def __init__(self, paths: list[Path], counts: list[int]) -> None:
+        if len(paths) != len(counts) or not paths:
+            raise ValueError("ShardReader needs one count per shard and at least one shard")
+        self.paths = [Path(p) for p in paths]
+        self.offsets: list[int] = []
+        item: tuple[int, ...] | None = None
+        for path, count in zip(self.paths, counts):
+            shape, offset = _npy_layout(path)
+            if shape[0] != count:
+                raise ConfigError(f"{path}: holds {shape[0]} images, the manifest lists {count}; "
+                                  "prepare again")
+            if item is not None and shape[1:] != item:
+                raise ConfigError(f"{path}: images of shape {shape[1:]}, the split's first shard "
+                                  f"has {item}; prepare again")
+            item = shape[1:]
+            self.offsets.append(offset)
+        self.item_shape: tuple[int, ...] = item
+        self.item_bytes = int(np.prod(item))
+        self.starts = np.cumsum([0] + list(counts))          # first image of each shard
+        self.shape = torch.Size((int(self.starts[-1]), *item))
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}, "_pid": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():                      # a forked or unpickled copy
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def _read_run(self, out: np.ndarray, first: int, count: int) -> None:
+        """Images [first, first + count) of one shard into ``out`` (contiguous)."""
+        shard = int(np.searchsorted(self.starts, first, side="right")) - 1
+        local = first - int(self.starts[shard])
+        want = count * self.item_bytes
+        got = os.preadv(self._fd(shard), [memoryview(out).cast("B")],
+                        self.offsets[shard] + local * self.item_bytes)
+        if got != want:
+            raise ConfigError(f"{self.paths[shard]}: short read ({got} of {want} bytes); the "
+                              "shard is truncated, prepare again")
+
+    def _runs(self, first: int, stop: int):
+        """(first, count) pieces of [first, stop) that do not cross a shard boundary."""
+        while first < stop:
+            shard = int(np.searchsorted(self.starts, first, side="right")) - 1
+            end = min(stop, int(self.starts[shard + 1]))
+            yield first, end - first
+            first = end
+
+    def __getitem__(self, key) -> torch.Tensor:
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                out = np.empty((max(0, stop - start), *self.item_shape), np.uint8)
+                pos = 0
+                for first, count in self._runs(start, stop):
+                    self._read_run(out[pos:pos + count], first, count)
+                    pos += count
+                return torch.from_numpy(out)
+            key = np.arange(start, stop, step)
+        if isinstance(key, int):
+            if not -n <= key < n:
+                raise IndexError(f"image {key} out of range for {n} images")
+            return self[key % n:key % n + 1][0]
+        index = np.asarray(key.cpu() if isinstance(key, torch.Tensor) else key, dtype=np.int64)
+        if index.ndim != 1:
+            raise IndexError("index images with an int, a slice or a 1-D index")
+        if index.size and (index.min() < -n or index.max() >= n):
+            raise IndexError(f"image index out of range for {n} images")
+        index = index % n if index.size else index
+        out = np.empty((index.size, *self.item_shape), np.uint8)
+        for pos in np.argsort(index, kind="stable"):       # file order: sequential-ish reads
+            self._read_run(out[pos:pos + 1], int(index[pos]), 1)
+        return torch.from_numpy(out)
+
+    def load(self) -> torch.Tensor:
+        """The whole split as one in-memory tensor."""
+        return self[:]
+
+
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
+    """Shape and data offset of a C-ordered uint8 (N, C, H, W) ``.npy`` file, from its header."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f".npy format version {version} is not supported")
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: shard missing; prepare again") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable .npy shard ({exc})") from None
+    if dtype != np.uint8 or fortran or len(shape) != 4:
+        raise ConfigError(f"{path}: expected a C-ordered uint8 (N, C, H, W) array, found "
+                          f"{dtype} {shape}{' in Fortran order' if fortran else ''}; prepare again")
+    size = path.stat().st_size
+    if size < offset + int(np.prod(shape)):
+        raise ConfigError(f"{path}: truncated ({size} bytes for {shape} images); prepare again")
+    return tuple(int(x) for x in shape), offset
+
+
 @dataclass(frozen=True)
 class ImageSet:
-    images: torch.Tensor   # (N, C, H, W) uint8
-    labels: torch.Tensor   # (N,) int64, -1 = unlabelled
+    images: torch.Tensor | ShardReader   # (N, C, H, W) uint8, in memory or read on demand
+    labels: torch.Tensor                 # (N,) int64, -1 = unlabelled
     num_classes: int
 
     def __post_init__(self) -> None:
@@ -27,9 +161,13 @@ class ImageSet:
             raise ValueError(f"labels must have shape ({self.images.shape[0]},), "
                              f"got {tuple(self.labels.shape)}")
 
+    def __len__(self) -> int:
+        return self.images.shape[0]
 
-def load_prepared(directory: str | Path, split: str = "train") -> ImageSet:
-    """Read one split of a prepared dataset directory (shards in manifest order)."""
+
+def load_prepared(directory: str | Path, split: str = "train", *, in_memory: bool = False) -> ImageSet:
+    """One split of a prepared dataset directory (shards in manifest order), read on demand from
+    the shards, or wholly into memory with ``in_memory``."""
     directory = Path(directory)
     manifest_path = directory / "manifest.csv"
     if not manifest_path.is_file():
@@ -39,15 +177,12 @@ def load_prepared(directory: str | Path, split: str = "train") -> ImageSet:
     rows = manifest[manifest["split"] == split].sort_values(["shard", "index"])
     if rows.empty:
         raise ConfigError(f"{manifest_path}: split {split!r} is empty")
-    shards = [np.load(directory / f"{split}-{int(s):05d}.npy", allow_pickle=False)
-              for s in sorted(rows["shard"].unique())]
-    images = np.concatenate(shards)
-    if images.shape[0] != len(rows):
-        raise ConfigError(f"{directory}: {split} shards hold {images.shape[0]} images, the manifest "
-                          f"lists {len(rows)}; prepare again")
+    counts = rows.groupby("shard").size().sort_index()
+    reader = ShardReader([directory / f"{split}-{int(s):05d}.npy" for s in counts.index],
+                         [int(c) for c in counts.to_numpy()])
     classes = json.loads((directory / "stats.json").read_text()).get("classes", [])
     labels = rows["label"].to_numpy(np.int64).copy()     # pandas 3 hands out read-only arrays
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels),
+    return ImageSet(reader.load() if in_memory else reader, torch.from_numpy(labels),
                     num_classes=len(classes))
 
 

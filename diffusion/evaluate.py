@@ -42,15 +42,39 @@ class Reference:
     n: int
 
 
+KID_REFERENCE_MAX = 10_000   # real images whose features are kept for KID (all of a smaller set)
+
+
 def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
     """uint8 (N, C, H, W) -> (N, d) features, batch by batch."""
     return np.concatenate([extractor(images[i:i + batch_size])
                            for i in range(0, images.shape[0], batch_size)])
 
 
+def summarize(extractor: FeatureExtractor, images, batch_size: int = 500,
+              keep: int = KID_REFERENCE_MAX) -> tuple[FeatureStats, np.ndarray]:
+    """Streaming feature statistics of uint8 (N, C, H, W) images (a tensor or a
+    :class:`~diffusion.data.ShardReader`, read ``batch_size`` at a time), and the features of at
+    most ``keep`` of them, evenly spread over the set, for KID. Memory: O(batch + keep), not O(N)."""
+    n = images.shape[0]
+    kept = np.arange(min(n, keep), dtype=np.int64) * n // min(n, keep)   # all when n <= keep
+    stats, subset, dim = None, [], 0
+    for i in range(0, n, batch_size):
+        feats = extractor(images[i:i + batch_size])
+        if stats is None:
+            stats, dim = FeatureStats(feats.shape[1]), feats.shape[1]
+        stats.update(feats)
+        local = kept[(kept >= i) & (kept < i + feats.shape[0])] - i
+        subset.append(np.asarray(feats, dtype=np.float64)[local])
+    return stats, (np.concatenate(subset) if subset else np.zeros((0, dim)))
+
+
 def reference_key(dataset: str, extractor_sha256: str, resolution: int, split: str, n: int) -> str:
-    blob = json.dumps({"dataset": dataset, "extractor": extractor_sha256, "resolution": resolution,
-                       "split": split, "n": n}, sort_keys=True)
+    fields = {"dataset": dataset, "extractor": extractor_sha256, "resolution": resolution,
+              "split": split, "n": n}
+    if n > KID_REFERENCE_MAX:                # only a subset of the features is kept for KID
+        fields["kid_reference"] = KID_REFERENCE_MAX
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -64,10 +88,8 @@ def reference_stats(cache_dir: str | Path, images: ImageSet, extractor: FeatureE
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return Reference(key, z["mu"], z["sigma"], z["features"], int(z["n"])), True
-    feats = extract(extractor, images.images)
-    stats = FeatureStats(feats.shape[1])
-    stats.update(feats)
-    ref = Reference(key, stats.mean, stats.cov, feats.astype(np.float32), n)
+    stats, kept = summarize(extractor, images.images)
+    ref = Reference(key, stats.mean, stats.cov, kept.astype(np.float32), n)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
     with os.fdopen(fd, "wb") as f:
@@ -77,9 +99,13 @@ def reference_stats(cache_dir: str | Path, images: ImageSet, extractor: FeatureE
     return ref, False
 
 
-def fid_against(features: np.ndarray, ref: Reference, kid_subset: int) -> dict[str, float | list]:
-    stats = FeatureStats(features.shape[1])
-    stats.update(features)
+def fid_against(features: np.ndarray, ref: Reference, kid_subset: int,
+                stats: FeatureStats | None = None) -> dict[str, float | list]:
+    """FID of ``features`` (or of ``stats`` when given, ``features`` then being the KID subset)
+    against ``ref``, and KID over subsets of ``kid_subset``."""
+    if stats is None:
+        stats = FeatureStats(features.shape[1])
+        stats.update(features)
     fd = frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)
     kid, _ = kernel_inception_distance(features, ref.features, num_subsets=50, subset_size=kid_subset)
     return {"fid": fd.value, "kid": kid, "notes": list(fd.notes)}
@@ -115,9 +141,9 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
     version = dataset_version(prepared)
     train_ref, hit = reference_stats(ev.reference_cache, load_prepared(prepared, "train"), extractor,
                                      dataset=version, split="train")
-    heldout = load_prepared(prepared, "heldout")
-    floor = fid_against(extract(extractor, heldout.images), train_ref,
-                        min(ev.kid_subset_size, len(heldout.labels)))
+    heldout_stats, heldout_kept = summarize(extractor, load_prepared(prepared, "heldout").images)
+    floor = fid_against(heldout_kept, train_ref, min(ev.kid_subset_size, len(heldout_kept)),
+                        stats=heldout_stats)
     per_seed, probabilities, requested, sampling_seconds = [], [], [], 0.0
     for k in range(ev.fid_seeds):
         n = ev.fid_samples

@@ -1,9 +1,10 @@
 """DDPM training: one ``train_step`` that runs single-process and under DDP, and a resumable loop.
 
-Determinism: the data order, timesteps, noise and label dropout of step k are drawn from
-generators seeded by (seed, k) for the whole global batch, and each rank takes its slice. So a
-run is reproducible across resumes, and 2 workers x batch b see exactly what 1 worker x batch 2b
-sees. Dropout uses the global RNG, whose state the checkpoint keeps.
+Determinism: the data order of step k comes from a permutation seeded by (seed, epoch), and the
+timestep, noise and label dropout of sample i of step k are functions of (seed, k, i) that each
+rank computes for its own samples only (:class:`BatchPlan`). So a run is reproducible across
+resumes, and 2 workers x batch b see exactly what 1 worker x batch 2b sees. Dropout uses the
+global RNG, whose state the checkpoint keeps.
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from diffusion.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
+from diffusion import counter_rng
 from diffusion.config import Config, ConfigError, EvaluateConfig, ExtractorConfig, RayConfig, TrackingConfig
 from diffusion.data import ImageSet, to_model_range
 from diffusion.ema import EMA
 from diffusion.hardware import AUTOCAST_DTYPES, PrecisionChoice, device_description, resolve_precision
-from diffusion.losses import DiffusionLoss, UniformTimestepSampler
+from diffusion.losses import DiffusionLoss
 from diffusion.progress import progress_bar
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
 
 # Keys that may change between a run and its resumption without invalidating the checkpoint.
 RESUMABLE_KEYS = ("train.steps", "train.budget_minutes", "train.checkpoint_every", "train.log_every",
-                  "train.out_dir", "train.device", "train.compile") + tuple(
+                  "train.out_dir", "train.device", "train.compile",
+                  "data.engine", "data.ray_workers", "data.s3_workers") + tuple(
     f"{section}.{f.name}" for section, cls in (("evaluate", EvaluateConfig), ("extractor", ExtractorConfig),
                                               ("ray", RayConfig), ("tracking", TrackingConfig))
     for f in dataclasses.fields(cls))
@@ -89,15 +92,22 @@ class MicroBatch:
 class BatchPlan:
     """Deterministic, stateless batches: everything step k trains on is a function of (seed, k).
 
-    Step k draws one "step batch" of accum x world x b samples (images, t, noise, label dropout);
-    micro-batch m of rank r is its slice [(m * world + r) * b, +b). So 2 workers x b, 1 worker x
-    2b and 1 worker x b x 2 accumulation steps all train on the same samples.
+    Step k covers positions 0 .. accum x world x b - 1 of the epoch's seeded permutation;
+    micro-batch m of rank r takes positions [(m * world + r) * b, +b). The image at a position
+    comes from the permutation, and its timestep, noise and label dropout are functions of
+    (seed, k, position) alone (:mod:`diffusion.counter_rng`), computed only by the rank that
+    trains on it. So 2 workers x b, 1 worker x 2b and 1 worker x b x 2 accumulation steps train
+    on the same samples, and a run resumed at any step continues exactly.
+
+    Images are read per micro-batch from the dataset (on demand from the shards, see
+    :class:`diffusion.data.ShardReader`) and moved to the device; nothing else of the dataset
+    is held but its labels and the epoch's permutation.
     """
 
     def __init__(self, data: ImageSet, cfg: Config, ctx: DistContext, device: torch.device,
                  null_class: int | None) -> None:
-        self.images = data.images.to(device)
-        self.labels = data.labels.to(device)
+        self.images = data.images
+        self.labels = data.labels
         self.cfg, self.ctx, self.device, self.null_class = cfg, ctx, device, null_class
         self.local = cfg.train.batch_size
         self.step_size = self.local * ctx.world_size * cfg.train.grad_accum
@@ -107,34 +117,35 @@ class BatchPlan:
                               f" = batch_size x grad_accum x {ctx.world_size} workers) exceed the "
                               f"{n} training images")
         self.per_epoch = n // self.step_size
-        self.sampler = UniformTimestepSampler(cfg.diffusion.timesteps)
         self._perm_epoch, self._perm = -1, torch.empty(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.images.shape[0], generator=g).to(self.device)
+            self._perm = torch.randperm(self.images.shape[0], generator=g)
             self._perm_epoch = epoch
         return self._perm
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         epoch, offset = divmod(step, self.per_epoch)
         index = self._permutation(epoch)[offset * self.step_size:(offset + 1) * self.step_size]
-        g = torch.Generator(self.device).manual_seed((self.cfg.train.seed + 1) * 1_000_003 + step)
-        t, w = self.sampler.sample(self.step_size, g, self.device)
-        noise = torch.randn((self.step_size, *self.images.shape[1:]), generator=g, device=self.device)
-        labels = None
-        if self.null_class is not None:
-            drop = torch.rand(self.step_size, generator=g, device=self.device)
-            labels = torch.where(drop < self.cfg.model.class_dropout,
-                                 torch.full_like(index, self.null_class), self.labels[index])
+        seed, shape = self.cfg.train.seed, tuple(self.images.shape[1:])
         out = []
         for m in range(self.cfg.train.grad_accum):
             start = (m * self.ctx.world_size + self.ctx.rank) * self.local
-            mine = slice(start, start + self.local)
-            out.append(MicroBatch(to_model_range(self.images[index[mine]]),
-                                  labels[mine] if labels is not None else None,
-                                  t[mine], noise[mine], w[mine]))
+            positions = torch.arange(start, start + self.local, device=self.device)
+            mine = index[start:start + self.local]
+            x0 = to_model_range(self.images[mine].to(self.device, non_blocking=True))
+            t = counter_rng.randint(seed, step, counter_rng.STREAM_TIMESTEP, positions,
+                                    self.cfg.diffusion.timesteps)
+            noise = counter_rng.normal(seed, step, counter_rng.STREAM_NOISE, positions, shape)
+            labels = None
+            if self.null_class is not None:
+                drop = counter_rng.uniform(seed, step, counter_rng.STREAM_DROPOUT, positions)
+                labels = torch.where(drop < self.cfg.model.class_dropout,
+                                     torch.full((self.local,), self.null_class, device=self.device),
+                                     self.labels[mine].to(self.device))
+            out.append(MicroBatch(x0, labels, t, noise, torch.ones(self.local, device=self.device)))
         return out
 
 

@@ -48,3 +48,29 @@ def test_cuda_sampling_is_seed_deterministic():
     a = sample(model, sched, 4, seed=7, **kw)
     b = sample(model, sched, 4, seed=7, batch_size=2, **kw)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cuda_per_sample_randomness_matches_the_cpu():
+    from diffusion import counter_rng as rng
+    samples = torch.arange(40, 104)
+    bits = rng.sample_words(3, 11, rng.STREAM_NOISE, samples, 50)
+    assert torch.equal(bits, rng.sample_words(3, 11, rng.STREAM_NOISE, samples.cuda(), 50).cpu())
+    for fn, args in ((rng.randint, (1000,)), (rng.uniform, ())):
+        assert torch.equal(fn(3, 11, rng.STREAM_TIMESTEP, samples, *args),
+                           fn(3, 11, rng.STREAM_TIMESTEP, samples.cuda(), *args).cpu())
+    cpu = rng.normal(3, 11, rng.STREAM_NOISE, samples, (3, 8, 8))
+    gpu = rng.normal(3, 11, rng.STREAM_NOISE, samples.cuda(), (3, 8, 8)).cpu()
+    assert (cpu - gpu).abs().max() < 1e-4          # float32 log / cos may differ in the last bit
+
+
+def test_cuda_batches_do_not_depend_on_the_split_across_ranks():
+    from diffusion.trainer import BatchPlan, DistContext
+    cfg = load_config(None, TINY)
+    data = load_dataset(cfg.data)
+    device = torch.device("cuda")
+    one = BatchPlan(data, cfg, DistContext(0, 1), device, 10).micro_batches(77)[0]
+    half = load_config(None, TINY + ["train.batch_size=16"])
+    parts = [BatchPlan(data, half, DistContext(r, 2), device, 10).micro_batches(77)[0] for r in (0, 1)]
+    for name in ("x0", "t", "noise", "labels"):
+        assert torch.equal(getattr(one, name), torch.cat([getattr(p, name) for p in parts])), name
+    assert one.noise.device.type == "cuda"

@@ -125,7 +125,7 @@ def test_domain_extractor_learns_the_digits(digits_extractor):
 
 def test_recognisability_of_real_and_noise_digits(digits_extractor):
     extractor, _ = digits_extractor
-    heldout = load_prepared(digits_dir(), "heldout")
+    heldout = load_prepared(digits_dir(), "heldout", in_memory=True)
     real = classifier_quality(extractor.probabilities(heldout.images), heldout.labels.numpy())
     # agreement with the true labels is the classifier's accuracy, computed independently
     assert real["label_agreement"] == pytest.approx(accuracy(extractor.model, heldout), abs=1e-9)
@@ -141,7 +141,7 @@ def test_recognisability_of_real_and_noise_digits(digits_extractor):
 
 def test_fid_grows_as_real_images_get_noisier(digits_extractor):
     extractor, _ = digits_extractor
-    train, heldout = load_prepared(digits_dir(), "train"), load_prepared(digits_dir(), "heldout")
+    train, heldout = load_prepared(digits_dir(), "train"), load_prepared(digits_dir(), "heldout", in_memory=True)
     ref = FeatureStats(128)
     ref.update(extract(extractor, train.images))
     g = torch.Generator().manual_seed(0)
