@@ -43,6 +43,7 @@ Device = Literal["auto", "cpu", "cuda"]
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "unipc"]
 Spacing = Literal["linspace", "trailing"]
 MemoryFormat = Literal["auto", "contiguous", "channels_last"]
+PrepareEngine = Literal["local", "ray"]
 ExtractorKind = Literal["domain", "inception"]
 
 
@@ -55,7 +56,9 @@ class DataConfig:
     heldout_fraction: float = _bound(0.1, gt=0.0, lt=1.0)  # share kept out of training (by hash)
     bad_files: BadFiles = "fail"        # fail: stop at the first bad file | skip: list in rejects.csv
     min_pixel_std: float = _bound(1.0, ge=0.0)   # validation: a shard flatter than this fails
-    s3_workers: int = _bound(16, ge=1, le=256)   # concurrent S3 downloads
+    s3_workers: int = _bound(16, ge=1, le=256)   # concurrent S3 downloads (local engine)
+    engine: PrepareEngine = "local"     # local: decode in this process | ray: on Ray Data, cluster-wide
+    ray_workers: int = _bound(0, ge=0)  # ray engine: decode tasks at a time (0 = as many as CPUs)
     prepared_dir: str = "data/prepared"          # DVC-tracked output of the prepare stage
     validation_dir: str = "data/validation"      # validation report (written even on failure)
 

@@ -4,7 +4,9 @@ A source is a stream of :class:`Record` (key, encoded bytes or uint8 pixels, cla
 image is decoded, converted to the configured channels, centre-cropped to a square (the shorter
 side) and resized to ``resolution`` with Pillow's antialiased bilinear filter. Output:
 
-- ``<split>-<nnnnn>.npy``: uint8 shards (N, C, H, W), at most ``SHARD_SIZE`` images each;
+- ``<split>-<nnnnn>.npy``: uint8 shards (N, C, H, W) of at most ``SHARD_BYTES`` of pixels each
+  (:func:`shard_images`: 42,799 MNIST digits, 10,922 CIFAR-size or 2,730 64x64 RGB images),
+  read on demand by :class:`diffusion.data.ShardReader`;
 - ``manifest.csv``: id, source_key, sha256, label, height, width, channels, split, shard, index;
 - ``stats.json``: counts, classes, per-channel pixel mean and std (no credentials, ever);
 - ``rejects.csv``: files skipped under the ``skip`` policy, with the reason.
@@ -34,7 +36,7 @@ from PIL import Image
 
 from diffusion.config import DataConfig
 
-SHARD_SIZE = 10_000
+SHARD_BYTES = 32 * 2**20      # a few tens of MB: cheap to hash, fetch and validate one at a time
 SPLITS = ("train", "heldout")
 MANIFEST_COLUMNS = ("id", "source_key", "sha256", "label", "height", "width", "channels", "split",
                     "shard", "index")
@@ -153,6 +155,17 @@ def prepare_one(record: Record, resolution: int, channels: int) -> PreparedImage
     return PreparedImage(record.key, pixels, record.label, digest)
 
 
+def prepare_record(record: Record | BadFile, resolution: int, channels: int) -> PreparedImage | BadFile:
+    """:func:`prepare_one`, with a bad file returned rather than raised (what every engine runs
+    per image)."""
+    if isinstance(record, BadFile):
+        return record
+    try:
+        return prepare_one(record, resolution, channels)
+    except BadFile as exc:
+        return exc
+
+
 def split_of(sha256: str, heldout_fraction: float) -> str:
     """Deterministic split from the content hash: the first 8 hex digits as a fraction of 2^32."""
     return "heldout" if int(sha256[:8], 16) / 2**32 < heldout_fraction else "train"
@@ -185,8 +198,16 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def folder_records(root: str | Path) -> Iterator[Record | BadFile]:
-    """Images under ``root`` (PNG/JPEG); the class is the first sub-folder's name when present.
+@dataclass(frozen=True)
+class FolderEntry:
+    key: str                 # path relative to the folder, as seen through links
+    path: Path               # where to read it
+    label: str | None        # the first sub-folder's name, if any
+
+
+def folder_entries(root: str | Path) -> Iterator[FolderEntry | BadFile]:
+    """The images under ``root`` (PNG/JPEG), listed without reading them; the class is the first
+    sub-folder's name when present.
 
     Symbolic links, to files or to directories, are followed while they resolve inside ``root``;
     one that resolves outside it, or a directory link back into its own ancestors (a loop), is
@@ -224,9 +245,16 @@ def folder_records(root: str | Path) -> Iterator[Record | BadFile]:
                 yield BadFile(rel, "resolves outside the source folder (symlink out); refused")
                 continue
             parts = rel.split("/")
-            yield Record(rel, path.read_bytes(), parts[0] if len(parts) > 1 else None)
+            yield FolderEntry(rel, path, parts[0] if len(parts) > 1 else None)
     if not found:
         raise DataError(f"data.path = {str(root)!r}: no PNG or JPEG images found")
+
+
+def folder_records(root: str | Path) -> Iterator[Record | BadFile]:
+    """:func:`folder_entries`, each image read."""
+    for entry in folder_entries(root):
+        yield entry if isinstance(entry, BadFile) else Record(entry.key, entry.path.read_bytes(),
+                                                              entry.label)
 
 
 def source_records(cfg: DataConfig) -> Iterator[Record | BadFile]:
@@ -249,28 +277,47 @@ class PrepareResult:
     version: str
 
 
+def shard_images(resolution: int, channels: int) -> int:
+    """Images per shard: as many as fit in ``SHARD_BYTES`` (at least one)."""
+    return max(1, SHARD_BYTES // (resolution * resolution * channels))
+
+
 def prepare(records: Iterable[Record | BadFile], out_dir: str | Path, *, resolution: int,
             channels: int, heldout_fraction: float, bad_files: BadFilePolicy = "fail",
             source: str = "", origin: str = "") -> PrepareResult:
-    """Decode, convert, split and write ``records`` into ``out_dir`` (replaced atomically).
+    """Decode, convert, split and write ``records`` into ``out_dir`` (replaced atomically), in
+    this process (the local engine; flows.ray_prepare runs the decoding on Ray Data).
 
     ``source`` (the kind of source, e.g. "folder") goes into ``stats.json``; ``origin`` (where
     it was read from) only into error messages: the output depends on the images alone, never on
     the machine path they were read from."""
     if bad_files not in ("fail", "skip"):
         raise DataError(f"data.bad_files = {bad_files!r}: expected 'fail' or 'skip'")
+    return write_prepared((prepare_record(rec, resolution, channels) for rec in records), out_dir,
+                          resolution=resolution, channels=channels, heldout_fraction=heldout_fraction,
+                          bad_files=bad_files, source=source, origin=origin)
+
+
+def write_prepared(items: Iterable[PreparedImage | BadFile], out_dir: str | Path, *, resolution: int,
+                   channels: int, heldout_fraction: float, bad_files: BadFilePolicy = "fail",
+                   source: str = "", origin: str = "") -> PrepareResult:
+    """Write prepared images (in source listing order, bad files among them) as shards,
+    manifest, statistics and rejects into ``out_dir`` (replaced atomically). Every engine ends
+    here, so the same images give byte-identical files whichever engine decoded them. Under
+    ``bad_files = 'fail'`` the first bad file in listing order stops it, before anything is
+    written."""
+    if bad_files not in ("fail", "skip"):
+        raise DataError(f"data.bad_files = {bad_files!r}: expected 'fail' or 'skip'")
     prepared: list[PreparedImage] = []
     rejects: list[tuple[str, str]] = []
-    for rec in records:
-        try:
-            if isinstance(rec, DataError):
-                raise rec
-            prepared.append(prepare_one(rec, resolution, channels))
-        except BadFile as exc:
+    for item in items:
+        if isinstance(item, BadFile):
             if bad_files == "fail":
-                raise DataError(f"{exc} (data.bad_files = 'fail'; use 'skip' to list and skip "
+                raise DataError(f"{item} (data.bad_files = 'fail'; use 'skip' to list and skip "
                                 "bad files)") from None
-            rejects.append((exc.key, exc.reason))
+            rejects.append((item.key, item.reason))
+        else:
+            prepared.append(item)
     if not prepared:
         raise DataError(f"{origin or source or 'source'}: no usable images")
     rejects.sort()
@@ -287,8 +334,9 @@ def prepare(records: Iterable[Record | BadFile], out_dir: str | Path, *, resolut
     sums: dict[str, list] = {}
     for split in SPLITS:
         members = [p for p in prepared if split_of(p.sha256, heldout_fraction) == split]
-        for shard_no, start in enumerate(range(0, len(members), SHARD_SIZE)):
-            chunk = members[start:start + SHARD_SIZE]
+        per_shard = shard_images(resolution, channels)
+        for shard_no, start in enumerate(range(0, len(members), per_shard)):
+            chunk = members[start:start + per_shard]
             stack = np.stack([p.pixels for p in chunk])
             np.save(tmp / f"{split}-{shard_no:05d}.npy", stack, allow_pickle=False)
             pix = stack.astype(np.float64)

@@ -87,6 +87,21 @@ def list_keys(uri: str, client=None, page_size: int = 1000) -> list[str]:
     return sorted(keys)
 
 
+def fetch_record(client, bucket: str, prefix: str, key: str) -> Record | BadFile:
+    """One object as a record (class: the first folder below the prefix), or why it cannot be
+    used: a key that would escape the target directory is refused without being read."""
+    rel = safe_relative_key(key, prefix)
+    where = f"s3://{bucket}/{key}"
+    if rel is None:
+        return BadFile(where, "key would escape the target directory; refused")
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        return _explain(exc, where)
+    parts = rel.split("/")
+    return Record(where, body, parts[0] if len(parts) > 1 else None)
+
+
 def s3_records(uri: str, workers: int = 16, client=None, page_size: int = 1000
                ) -> Iterator[Record | BadFile]:
     """Records for every image under ``uri``; the class is the first folder below the prefix."""
@@ -95,16 +110,7 @@ def s3_records(uri: str, workers: int = 16, client=None, page_size: int = 1000
     keys = list_keys(uri, client, page_size)
 
     def fetch(key: str) -> Record | BadFile:
-        rel = safe_relative_key(key, prefix)
-        where = f"s3://{bucket}/{key}"
-        if rel is None:
-            return BadFile(where, "key would escape the target directory; refused")
-        try:
-            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            return _explain(exc, where)
-        parts = rel.split("/")
-        return Record(where, body, parts[0] if len(parts) > 1 else None)
+        return fetch_record(client, bucket, prefix, key)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(fetch, keys)

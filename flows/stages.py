@@ -36,6 +36,9 @@ class StageError(RuntimeError):
 
 def prepare_stage(cfg: Config) -> PrepareResult:
     d = cfg.data
+    if d.engine == "ray":
+        from flows.ray_prepare import ray_prepare
+        return ray_prepare(d)
     if d.source == "s3":
         from flows.s3 import s3_records
         return prepare_from_config(d, s3_records(d.path, workers=d.s3_workers))

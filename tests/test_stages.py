@@ -91,3 +91,41 @@ def test_register_names_what_is_missing_or_stale(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "evaluates step 6 but" in err and "trained to step 99; re-run the evaluate stage" in err
     assert not (tmp_path / "registry.json").exists()                 # nothing was registered
+
+
+def _colour_folder(root, per_class=40):
+    """Three classes of 40x40 RGB images, each class its own dominant colour plus seeded noise."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate(((200, 40, 40), (40, 200, 40), (40, 40, 200))):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(colour) + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"class{c}" / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_colour_folder_prepares_trains_evaluates_and_registers(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = _colour_folder(tmp_path / "images")
+    overrides = ["data.source=folder", f"data.path={folder}", "data.resolution=32", "data.channels=3",
+                 f"data.prepared_dir={tmp_path / 'prepared'}", f"data.validation_dir={tmp_path / 'val'}",
+                 "model.preset=rgb_small", "model.num_classes=3", "extractor.epochs=8",
+                 "extractor.min_accuracy=0.9", "train.steps=4", "train.batch_size=8",
+                 "evaluate.fid_samples=60", "evaluate.fid_seeds=1", "evaluate.steps=4",
+                 "evaluate.kid_subset_size=30"]
+    for stage in ("prepare", "validate"):
+        assert main([stage, "--params", "params.yaml", *overrides]) == 0, capsys.readouterr().err
+    cfg = stage_cfg(tmp_path, *overrides)
+    assert extractor_stage(cfg, progress=False)["heldout_accuracy"] >= 0.9
+    train_stage(cfg, progress=False)
+    m = evaluate_stage(cfg, progress=False)
+    assert m["samples_per_seed"] == 60 and m["fid"] > 0 and m["floor_fid"] >= 0
+    reg = register_stage(cfg)
+    assert reg["version"] == "1" and reg["alias"] == "champion"
+    # the GPU preset builds and takes a training step on the same colour data
+    big = stage_cfg(tmp_path, *overrides, "model.preset=ddpm_cifar10", "train.steps=1",
+                    "train.batch_size=2", f"train.out_dir={tmp_path / 'run-cifar'}")
+    assert train_stage(big, progress=False)["step"] == 1
