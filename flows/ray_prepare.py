@@ -20,18 +20,47 @@ The cluster is ``RAY_ADDRESS`` when set, else a local one (:func:`flows.ray_trai
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import socket
 from pathlib import Path
 
 import numpy as np
+import PIL
 
-from diffusion.config import DataConfig
+from diffusion.config import ConfigError, DataConfig
 from diffusion.prepare import (BadFile, DataError, FolderEntry, PreparedImage, PrepareResult, Record,
                                folder_entries, prepare_record, write_prepared)
+from flows.provenance import source_digest
 
 CHUNK_BYTES = 256 * 2**20      # encoded folder bytes per Ray Data dataset
 BATCH = 256                     # images per map_batches call
 log = logging.getLogger(__name__)
+
+
+class DecoderMismatch(ConfigError):
+    """A task decoded with other code or other image libraries than the driver's, so its bytes
+    could differ from the local engine's (every node needs the same image)."""
+
+
+def decoder_version() -> dict[str, str]:
+    """What decides the prepared bytes besides the input: this code, Pillow and NumPy."""
+    return {"digest": source_digest(), "pillow": PIL.__version__, "numpy": np.__version__,
+            "node": socket.gethostname()}
+
+
+def check_decoders(seen: set[str], driver: dict[str, str]) -> None:
+    """Every task's :func:`decoder_version` (JSON) must match the driver's, node aside."""
+    mine = {k: v for k, v in driver.items() if k != "node"}
+    for blob in sorted(seen):
+        theirs = json.loads(blob)
+        node = theirs.pop("node", "?")
+        if theirs != mine:
+            raise DecoderMismatch(
+                f"data.engine = 'ray': node {node} decodes with code {theirs.get('digest')}, Pillow "
+                f"{theirs.get('pillow')}, NumPy {theirs.get('numpy')}; the driver has "
+                f"{mine['digest']}, {mine['pillow']}, {mine['numpy']}: its output could differ from "
+                "the local engine's; deploy the driver's image on every node (infra/README.md)")
 
 
 def _decode_batch(batch: dict[str, np.ndarray], *, resolution: int, channels: int,
@@ -44,6 +73,7 @@ def _decode_batch(batch: dict[str, np.ndarray], *, resolution: int, channels: in
         from flows.s3 import s3_client
         client = s3_client()
     out: dict[str, list] = {k: [] for k in ("pos", "key", "label", "sha256", "pixels", "reason")}
+    version = json.dumps(decoder_version(), sort_keys=True)
     for i, pos in enumerate(batch["pos"]):
         key = str(batch["key"][i])
         if client is not None:
@@ -66,10 +96,13 @@ def _decode_batch(batch: dict[str, np.ndarray], *, resolution: int, channels: in
             out["pixels"].append(result.pixels.tobytes())
             out["reason"].append("")
     return {"pos": np.array(out["pos"], dtype=np.int64),
+            "version": np.array([version] * len(out["pos"]), dtype=object),
             **{k: np.array(out[k], dtype=object) for k in ("key", "label", "sha256", "pixels", "reason")}}
 
 
 def _run(rows: list[dict], fn, workers: int) -> list[tuple[int, PreparedImage | BadFile]]:
+    """Decode ``rows`` on Ray Data; results by listing position, after checking that every task
+    decoded with the driver's code and libraries."""
     import ray.data
     logging.getLogger("ray.data").setLevel(logging.ERROR)   # the stage prints one line; Ray's log has the rest
     ctx = ray.data.DataContext.get_current()
@@ -78,8 +111,9 @@ def _run(rows: list[dict], fn, workers: int) -> list[tuple[int, PreparedImage | 
     ds = ray.data.from_items(rows).map_batches(
         fn, batch_size=BATCH, batch_format="numpy", num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=workers or None))
-    results = []
+    results, versions = [], set()
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        versions.update(str(v) for v in batch["version"])
         for i, pos in enumerate(batch["pos"]):
             key, reason = str(batch["key"][i]), str(batch["reason"][i])
             if reason:
@@ -87,6 +121,7 @@ def _run(rows: list[dict], fn, workers: int) -> list[tuple[int, PreparedImage | 
             else:
                 results.append((int(pos), (key, batch["pixels"][i], str(batch["label"][i]) or None,
                                            str(batch["sha256"][i]))))
+    check_decoders(versions, decoder_version())
     return results
 
 

@@ -25,7 +25,6 @@ pools) get everything by version, never by the driver's paths:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -50,6 +49,7 @@ from diffusion.data import load_dataset
 from diffusion.prepare import dataset_version
 from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, train
 from flows.datasets import DatasetUnavailable, Remote, dvc_remote, obtain, remote_has
+from flows.provenance import source_digest
 
 
 class CodeMismatch(ConfigError):
@@ -68,13 +68,7 @@ def _absolute(cfg: Config) -> Config:
 def code_version() -> dict[str, str]:
     """A digest of the ``diffusion`` and ``flows`` sources this process imports (what decides the
     trained model), with the torch version: equal on the driver and every worker, or no run."""
-    h = hashlib.sha256()
-    for package in ("diffusion", "flows"):
-        root = Path(__file__).resolve().parents[1] / package
-        for path in sorted(root.glob("*.py")):
-            h.update(f"{package}/{path.name}\0".encode())
-            h.update(path.read_bytes())
-    return {"digest": h.hexdigest()[:16], "torch": torch.__version__}
+    return {"digest": source_digest(), "torch": torch.__version__}
 
 
 def _check_code(driver: dict[str, str]) -> None:

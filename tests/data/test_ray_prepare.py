@@ -93,3 +93,21 @@ def test_ray_engine_matches_the_local_engine(tmp_path, s3_env, capsys):
         assert errors[0] == errors[1] and len(errors[0]) == 1
         assert "data.bad_files = 'fail'" in ray[name]["err"]
         assert not (tmp_path / "ray" / name).exists()
+
+
+def test_a_task_decoding_with_other_code_or_libraries_is_refused(tmp_path):
+    import io
+
+    import numpy as np
+
+    from flows.ray_prepare import DecoderMismatch, _decode_batch, check_decoders, decoder_version
+    png = io.BytesIO()
+    Image.new("RGB", (10, 10), (9, 99, 199)).save(png, format="PNG")
+    batch = {"pos": np.array([0]), "key": np.array(["cat/a.png"], dtype=object),
+             "label": np.array(["cat"], dtype=object), "payload": np.array([png.getvalue()], dtype=object)}
+    out = _decode_batch(batch, resolution=8, channels=3)
+    assert out["reason"][0] == "" and len(out["pixels"][0]) == 3 * 8 * 8
+    check_decoders(set(out["version"]), decoder_version())          # this process: accepted
+    other = {**json.loads(out["version"][0]), "pillow": "9.0.0", "node": "node-b"}
+    with pytest.raises(DecoderMismatch, match=r"node node-b decodes with code \w+, Pillow 9.0.0"):
+        check_decoders({json.dumps(other)}, decoder_version())
