@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
 from diffusion import counter_rng
+from diffusion.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
 from diffusion.config import Config, ConfigError, EvaluateConfig, ExtractorConfig, RayConfig, TrackingConfig
 from diffusion.data import ImageSet, to_model_range
 from diffusion.ema import EMA
