@@ -291,8 +291,6 @@ def prepare(records: Iterable[Record | BadFile], out_dir: str | Path, *, resolut
     ``source`` (the kind of source, e.g. "folder") goes into ``stats.json``; ``origin`` (where
     it was read from) only into error messages: the output depends on the images alone, never on
     the machine path they were read from."""
-    if bad_files not in ("fail", "skip"):
-        raise DataError(f"data.bad_files = {bad_files!r}: expected 'fail' or 'skip'")
     return write_prepared((prepare_record(rec, resolution, channels) for rec in records), out_dir,
                           resolution=resolution, channels=channels, heldout_fraction=heldout_fraction,
                           bad_files=bad_files, source=source, origin=origin)

@@ -43,8 +43,10 @@ class DecoderMismatch(ConfigError):
     could differ from the local engine's (every node needs the same image)."""
 
 
+@functools.cache
 def decoder_version() -> dict[str, str]:
-    """What decides the prepared bytes besides the input: this code, Pillow and NumPy."""
+    """What decides the prepared bytes besides the input: this code, Pillow and NumPy (computed
+    once per process: it hashes the source files)."""
     return {"digest": source_digest(), "pillow": PIL.__version__, "numpy": np.__version__,
             "node": socket.gethostname()}
 
@@ -70,14 +72,13 @@ def _decode_batch(batch: dict[str, np.ndarray], *, resolution: int, channels: in
     file."""
     client = None
     if bucket is not None:
-        from flows.s3 import s3_client
+        from flows.s3 import fetch_record, s3_client
         client = s3_client()
     out: dict[str, list] = {k: [] for k in ("pos", "key", "label", "sha256", "pixels", "reason")}
     version = json.dumps(decoder_version(), sort_keys=True)
     for i, pos in enumerate(batch["pos"]):
         key = str(batch["key"][i])
         if client is not None:
-            from flows.s3 import fetch_record
             record = fetch_record(client, bucket, prefix, key)
         else:
             label = str(batch["label"][i])
