@@ -94,7 +94,7 @@ def resolve(overrides: list[str], cfg_train) -> list[str]:
 
 def config(work: Path, overrides: list[str], minutes: float, run: str):
     base = load_config(ROOT / "params.yaml")
-    workers = base.ray.num_workers
+    workers = base.ray.num_workers if base.ray.num_workers != "auto" else 2   # auto on CPUs: 2
     global_batch = base.train.batch_size * workers         # what the Ray default trains on
     fixed = [f"data.prepared_dir={work / 'prepared'}", f"train.batch_size={global_batch}",
              "train.steps=100000000", f"train.budget_minutes={minutes}", "train.log_every=100",

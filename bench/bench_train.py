@@ -8,6 +8,12 @@ process per implementation, so that it belongs to that configuration alone.
 
     python bench/bench_train.py                         # CPU: small preset and CIFAR-10 preset
     python bench/bench_train.py --device cuda --precision bf16 --only cifar10 --batch 128
+
+Efficiency: FLOPs per image are counted on our network (``torch.utils.flop_counter``, forward +
+backward); MFU = img/s x that / the device's data-sheet peak (``diffusion.throughput``), and
+``mfu_vs_matmul`` divides by the matrix-product rate measured in the same process instead.
+With ``--compile`` the first step's extra time is reported as ``compile_seconds``.
+``--cuda-jsonl FILE`` appends the GPU session's record (``{"what": "train", ...}``).
 """
 
 from __future__ import annotations
@@ -49,11 +55,22 @@ def _diffusers_model(cfg, channels: int, resolution: int):
         attention_head_dim=None, dropout=m.dropout)
 
 
+OPTIMIZER = {"value": "default"}     # --optimizer: the library's choice, or foreach / fused to compare
+
+
 def _ours_step(cfg, channels, resolution, batch, device):
     from diffusion.losses import DiffusionLoss
     from diffusion.schedule import NoiseSchedule
+    from diffusion.throughput import use_persistent_inductor_cache
     from diffusion.trainer import MicroBatch, build_state, train_step
     state = build_state(cfg, device, 10)
+    if OPTIMIZER["value"] != "default":
+        t = cfg.train
+        state.optimizer = torch.optim.AdamW(state.model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                            weight_decay=t.weight_decay, fused=OPTIMIZER["value"] == "fused",
+                                            foreach=OPTIMIZER["value"] == "foreach" or None)
+    if cfg.train.compile:
+        use_persistent_inductor_cache()
     net = torch.compile(state.model) if cfg.train.compile else state.model
     loss_fn = DiffusionLoss(NoiseSchedule.create("linear", 1000).to(device), "eps")
     x0 = torch.rand(batch, channels, resolution, resolution, device=device) * 2 - 1
@@ -109,12 +126,17 @@ def paired_throughput(args: argparse.Namespace) -> dict:
     cfg, channels, resolution, batch = _config(args)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    steps, params = {}, {}
+    steps, params, first = {}, {}, {}
     for impl, make in (("ours", _ours_step), ("diffusers", _diffusers_step)):
         torch.manual_seed(0)
         steps[impl], params[impl] = make(cfg, channels, resolution, batch, device)
-        for _ in range(args.warmup):
+        for k in range(args.warmup):
+            sync()
+            t0 = time.perf_counter()
             steps[impl]()
+            sync()
+            if k == 0:
+                first[impl] = time.perf_counter() - t0
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
     start = time.perf_counter()
     i = 0
@@ -127,8 +149,32 @@ def paired_throughput(args: argparse.Namespace) -> dict:
             sync()
             times[impl].append(time.perf_counter() - t0)
         i += 1
-    return {impl: {"img_per_s": batch / statistics.median(ts), "steps": len(ts), "params": params[impl]}
-            for impl, ts in times.items()}
+    out = {impl: {"img_per_s": batch / statistics.median(ts), "steps": len(ts), "params": params[impl],
+                  "first_step_seconds": first.get(impl, 0.0),
+                  "compile_seconds": max(0.0, first.get(impl, 0.0) - statistics.median(ts))
+                  if cfg.train.compile else None}
+           for impl, ts in times.items()}
+    out["ours"].update(_efficiency(cfg, channels, resolution, device, out["ours"]["img_per_s"]))
+    return out
+
+
+def _efficiency(cfg, channels, resolution, device, img_per_s: float) -> dict:
+    """Counted FLOPs per image of our network, achieved TFLOP/s, MFU (data sheet) and the same
+    against a matrix product measured here."""
+    from diffusion.losses import DiffusionLoss
+    from diffusion.schedule import NoiseSchedule
+    from diffusion.throughput import measured_matmul_flops, peak_flops, train_flops_per_image
+    from diffusion.unet import UNet
+    model = UNet(cfg.model, channels, resolution).to(device)
+    loss_fn = DiffusionLoss(NoiseSchedule.create("linear", 1000).to(device), "eps")
+    flops = train_flops_per_image(model, loss_fn, (channels, resolution, resolution), 1000, None, device)
+    achieved = img_per_s * flops
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    peak = peak_flops(device, cfg.train.precision)
+    matmul = measured_matmul_flops(device, dtype)
+    return {"flops_per_image": flops, "tflops": achieved / 1e12,
+            "mfu": achieved / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
+            "matmul_tflops": matmul / 1e12, "mfu_vs_matmul": achieved / matmul}
 
 
 def peak_memory(args: argparse.Namespace) -> float:
@@ -151,6 +197,7 @@ def _child(args: argparse.Namespace, *extra: str) -> dict:
            "--precision", args.precision, "--seconds", str(args.seconds), "--min-steps",
            str(args.min_steps), "--warmup", str(args.warmup), *extra]
     cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+    cmd += ["--optimizer", args.optimizer]
     cmd += ["--batch", str(args.batch)] if args.batch else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -169,11 +216,16 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="timed seconds per implementation")
     p.add_argument("--min-steps", type=int, default=6, help="at least this many steps of each")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--optimizer", default="default", choices=("default", "fused", "foreach"),
+                   help="our AdamW: the library's choice (fused on CUDA), or force one to compare")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--json", type=Path, help="append results as JSON lines to this file")
+    p.add_argument("--cuda-jsonl", type=Path, help="append the GPU session's record to this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    OPTIMIZER["value"] = args.optimizer
     if args.child:
         print(json.dumps(peak_memory(args) if args.impl else paired_throughput(args)))
         return
@@ -186,9 +238,25 @@ def main() -> None:
             rows.append({"impl": impl, "preset": preset, "batch": args.batch or default_batch,
                          "resolution": resolution, "device": args.device, "precision": args.precision,
                          "channels_last": args.channels_last, "compile": args.compile,
-                         **speed[impl], "peak_mib": _child(args, "--impl", impl)})
+                         "optimizer": args.optimizer, **speed[impl],
+                         "peak_mib": None if args.no_memory else _child(args, "--impl", impl)})
         ratio = speed["ours"]["img_per_s"] / speed["diffusers"]["img_per_s"]
-        print(f"{preset}: ours/diffusers img/s ratio = {ratio:.2f} ({args.precision})")
+        ours = speed["ours"]
+        print(f"{preset}: ours/diffusers img/s ratio = {ratio:.2f} ({args.precision}); "
+              f"{ours['tflops']:.1f} TFLOP/s" + (f", MFU {ours['mfu']:.1%}" if ours["mfu"] else "")
+              + f", {ours['mfu_vs_matmul']:.1%} of a measured matmul")
+        if args.cuda_jsonl:
+            record = {"what": "train", "preset": {"cifar10": "ddpm_cifar10", "small": "mnist_small"}[preset],
+                      "precision": args.precision, "batch": args.batch or default_batch,
+                      "compiled": args.compile, "channels_last": args.channels_last,
+                      "optimizer": args.optimizer, "img_per_s": ours["img_per_s"], "mfu": ours["mfu"],
+                      "mfu_vs_matmul": ours["mfu_vs_matmul"], "tflops": ours["tflops"],
+                      "flops_per_image": ours["flops_per_image"], "compile_seconds": ours["compile_seconds"],
+                      "ratio_vs_diffusers": ratio, "diffusers_img_per_s": speed["diffusers"]["img_per_s"],
+                      "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+            with args.cuda_jsonl.open("a") as f:
+                f.write(json.dumps(record) + "\n")
     host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if args.device == "cuda":
         host = torch.cuda.get_device_name() + ", torch " + torch.__version__
@@ -198,7 +266,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['impl']} | {r['preset']} | {r['params'] / 1e6:.2f} M | {r['batch']} | "
               f"{r['resolution']} | {r['precision']}{' +CL' if r['channels_last'] else ''} | "
-              f"{r['compile']} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} |")
+              f"{r['compile']} | {r['img_per_s']:.1f} | "
+              f"{'-' if r['peak_mib'] is None else format(r['peak_mib'], '.0f')} |")
     if args.json:
         with args.json.open("a") as f:
             for r in rows:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import operator
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ Spacing = Literal["linspace", "trailing"]
 MemoryFormat = Literal["auto", "contiguous", "channels_last"]
 PrepareEngine = Literal["local", "ray"]
 ExtractorKind = Literal["domain", "inception"]
+Auto = Literal["auto"]
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RayConfig:
     enabled: bool = True                         # false: the library loop in this process (no Ray)
-    num_workers: int = _bound(2, ge=1)           # DDP ranks; global batch = batch_size x grad_accum x this
-    use_gpu: bool = False                        # NCCL on GPUs, else gloo on CPUs
+    num_workers: Auto | int = _bound("auto", ge=1)  # DDP ranks (auto: one per GPU on a GPU cluster, else 2);
+                                                 # global batch = batch_size x grad_accum x this
+    use_gpu: Auto | bool = "auto"                # auto: GPUs when the cluster has them; NCCL on GPUs, gloo on CPUs
     cpus_per_worker: float = _bound(1.0, gt=0.0)
     gpus_per_worker: float = _bound(1.0, ge=0.0)  # used when use_gpu
     max_failures: int = _bound(2, ge=-1)         # worker restarts from the last checkpoint (-1: no limit)
@@ -210,6 +213,8 @@ _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) is tuple:
@@ -222,7 +227,14 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     """Check ``value`` against the annotation ``tp``; return the typed value or record an error."""
     bad = f"{path} = {value!r}: expected {_type_name(tp)}"
     origin = get_origin(tp)
-    if origin is Literal:
+    if origin in (typing.Union, types.UnionType):     # the first alternative that fits
+        for alternative in get_args(tp):
+            trial: list[str] = []
+            typed = _coerce(value, alternative, path, trial)
+            if not trial:
+                return typed
+        errors.append(bad)
+    elif origin is Literal:
         if value in get_args(tp) and isinstance(value, str):
             return value
         errors.append(bad)

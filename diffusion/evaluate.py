@@ -119,6 +119,8 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
     resolved once for this device; ``on_setup`` receives the choice and its reason (with
     ``progress`` and no callback, it is printed)."""
     ev = cfg.evaluate
+    if torch.device(device).type != "cpu":        # features on the sampling device too
+        extractor = extractor.to(device)
     model, schedule, trained_cfg, ckpt = load_generator(checkpoint, device)
     choice = resolve_sampling_precision(
         model, ev.precision, channels=trained_cfg.data.channels,

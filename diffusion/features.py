@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +39,9 @@ class FeatureExtractor(Protocol):
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (B, C, H, W) -> float features (B, dim)."""
+
+    def to(self, device: str | torch.device) -> "FeatureExtractor":
+        """The same extractor computing on ``device``."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -76,26 +82,57 @@ def _shift(images: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torc
     return pad[..., dy:dy + images.shape[-2], dx:dx + images.shape[-1]]
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def accuracy(model: DomainClassifier, data: ImageSet, batch_size: int = 512) -> float:
     model.eval()
-    correct = sum(int((model(data.images[i:i + batch_size]).argmax(1)
+    device = _device_of(model)
+    correct = sum(int((model(data.images[i:i + batch_size].to(device)).argmax(1).cpu()
                        == data.labels[i:i + batch_size]).sum())
                   for i in range(0, len(data.labels), batch_size))
     return correct / len(data.labels)
 
 
+@contextlib.contextmanager
+def _deterministic_cudnn(device: torch.device) -> Iterator[None]:
+    """cuDNN's deterministic kernels while the (small) classifier trains on a GPU: the same data
+    and seed give the same weights file, so its sha256 (the extractor's identity) is stable."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
 def train_classifier(train: ImageSet, heldout: ImageSet, *, epochs: int = 12, batch_size: int = 128,
-                     lr: float = 2e-3, seed: int = 0, progress: bool = True
-                     ) -> tuple[DomainClassifier, float]:
-    """Train the domain classifier on the training split; return it and its held-out accuracy."""
+                     lr: float = 2e-3, seed: int = 0, progress: bool = True,
+                     device: str | torch.device = "cpu") -> tuple[DomainClassifier, float]:
+    """Train the domain classifier on the training split (on ``device``; the batches and the
+    augmentation are drawn on the CPU, so their order is the same everywhere); return it on the
+    CPU and its held-out accuracy."""
+    device = torch.device(device)
+    with _deterministic_cudnn(device):
+        model, acc = _train_classifier(train, heldout, epochs, batch_size, lr, seed, progress, device)
+    return model.cpu(), acc
+
+
+def _train_classifier(train: ImageSet, heldout: ImageSet, epochs: int, batch_size: int, lr: float,
+                      seed: int, progress: bool, device: torch.device
+                      ) -> tuple[DomainClassifier, float]:
     if train.num_classes < 2 or bool((train.labels < 0).any()):
         raise ValueError("the domain extractor needs labelled data with at least 2 classes; "
                          "use the Inception extractor for unlabelled data")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     _, c, h, _ = train.images.shape
-    model = DomainClassifier(c, h, train.num_classes)
+    model = DomainClassifier(c, h, train.num_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(train.labels) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -105,7 +142,8 @@ def train_classifier(train: ImageSet, heldout: ImageSet, *, epochs: int = 12, ba
         order = torch.randperm(len(train.labels), generator=g)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            loss = F.cross_entropy(model(_shift(train.images[idx], g)), train.labels[idx])
+            loss = F.cross_entropy(model(_shift(train.images[idx], g).to(device)),
+                                   train.labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -129,14 +167,20 @@ class DomainExtractor:
     name: str = "domain"
     dim: int = 128
 
+    def to(self, device: str | torch.device) -> "DomainExtractor":
+        """The same extractor computing on ``device`` (features still come back as NumPy)."""
+        return dataclasses.replace(self, model=copy.deepcopy(self.model).to(device))
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        return self.model.features(images).double().numpy()
+        return self.model.features(images.to(_device_of(self.model))).double().cpu().numpy()
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
         """Class probabilities (N, classes) of uint8 images (softmax of the classifier head)."""
-        return np.concatenate([torch.softmax(self.model(images[i:i + batch_size]).double(), 1).numpy()
+        device = _device_of(self.model)
+        return np.concatenate([torch.softmax(self.model(images[i:i + batch_size].to(device)).double(),
+                                             1).cpu().numpy()
                                for i in range(0, images.shape[0], batch_size)])
 
 
@@ -163,9 +207,15 @@ class InceptionExtractor:
     dim: int = 2048
     size: int = 299
 
+    device: str = "cpu"
+
+    def to(self, device: str | torch.device) -> "InceptionExtractor":
+        """The same network computing on ``device`` (features still come back as NumPy)."""
+        return dataclasses.replace(self, module=self.module.to(device), device=str(device))
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        x = images
+        x = images.to(self.device)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         if x.shape[-2:] != (self.size, self.size):

@@ -33,6 +33,7 @@ from diffusion.hardware import AUTOCAST_DTYPES, PrecisionChoice, device_descript
 from diffusion.losses import DiffusionLoss
 from diffusion.progress import progress_bar
 from diffusion.schedule import NoiseSchedule
+from diffusion.throughput import Prefetcher, train_flops_per_image, use_persistent_inductor_cache
 from diffusion.unet import UNet
 
 # Keys that may change between a run and its resumption without invalidating the checkpoint.
@@ -126,26 +127,40 @@ class BatchPlan:
             self._perm_epoch = epoch
         return self._perm
 
-    def micro_batches(self, step: int) -> list[MicroBatch]:
+    def read(self, step: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The host side of step k: per micro-batch of this rank, (first position, images,
+        labels) read from the dataset; in pinned memory when training on CUDA, so the copy to
+        the device does not block (:class:`diffusion.throughput.Prefetcher` runs this ahead)."""
         epoch, offset = divmod(step, self.per_epoch)
         index = self._permutation(epoch)[offset * self.step_size:(offset + 1) * self.step_size]
-        seed, shape = self.cfg.train.seed, tuple(self.images.shape[1:])
+        pin = self.device.type == "cuda"
         out = []
         for m in range(self.cfg.train.grad_accum):
             start = (m * self.ctx.world_size + self.ctx.rank) * self.local
-            positions = torch.arange(start, start + self.local, device=self.device)
             mine = index[start:start + self.local]
-            x0 = to_model_range(self.images[mine].to(self.device, non_blocking=True))
+            images, labels = self.images[mine], self.labels[mine]
+            out.append((start, images.pin_memory() if pin else images,
+                        labels.pin_memory() if pin else labels))
+        return out
+
+    def micro_batches(self, step: int, host: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+                      ) -> list[MicroBatch]:
+        """Step k's micro-batches on the device, from ``host`` (:meth:`read` of the same step)."""
+        seed, shape = self.cfg.train.seed, tuple(self.images.shape[1:])
+        out = []
+        for start, images, labels in (host if host is not None else self.read(step)):
+            positions = torch.arange(start, start + self.local, device=self.device)
+            x0 = to_model_range(images.to(self.device, non_blocking=True))
             t = counter_rng.randint(seed, step, counter_rng.STREAM_TIMESTEP, positions,
                                     self.cfg.diffusion.timesteps)
             noise = counter_rng.normal(seed, step, counter_rng.STREAM_NOISE, positions, shape)
-            labels = None
+            y = None
             if self.null_class is not None:
                 drop = counter_rng.uniform(seed, step, counter_rng.STREAM_DROPOUT, positions)
-                labels = torch.where(drop < self.cfg.model.class_dropout,
-                                     torch.full((self.local,), self.null_class, device=self.device),
-                                     self.labels[mine].to(self.device))
-            out.append(MicroBatch(x0, labels, t, noise, torch.ones(self.local, device=self.device)))
+                y = torch.where(drop < self.cfg.model.class_dropout,
+                                torch.full((self.local,), self.null_class, device=self.device),
+                                labels.to(self.device, non_blocking=True))
+            out.append(MicroBatch(x0, y, t, noise, torch.ones(self.local, device=self.device)))
         return out
 
 
@@ -171,7 +186,8 @@ def build_state(cfg: Config, device: torch.device, num_classes_in_data: int) -> 
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
                                   betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                                  weight_decay=cfg.train.weight_decay)
+                                  weight_decay=cfg.train.weight_decay,
+                                  fused=True if device.type == "cuda" else None)   # one kernel per step
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")  # auto: never fp16
     precision = cfg.train.precision if cfg.train.precision != "auto" else "fp32"   # until resolved
     return TrainState(model, EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup), optimizer, scaler,
@@ -330,13 +346,14 @@ SetupCallback = Callable[[dict], None]
 
 
 class _Budget:
-    """``train.budget_minutes`` of loop wall clock, summed over resumes. Under DDP the ranks agree
-    through a MAX all-reduce of the "out of time" flag, so all stop after the same step; on CUDA
-    the flag is checked every 10 steps (each check waits for the GPU)."""
+    """``train.budget_minutes`` of loop wall clock, summed over resumes. A single process reads
+    its own clock (no device sync). Under DDP the ranks agree through a MAX all-reduce of the
+    "out of time" flag, so all stop after the same step; on CUDA that flag is checked every 10
+    steps (each check waits for the GPU)."""
 
     def __init__(self, minutes: float, spent: float, ctx: DistContext, device: torch.device) -> None:
         self.limit, self.spent, self.ctx, self.device = minutes * 60.0, spent, ctx, device
-        self.every = 1 if device.type == "cpu" else 10
+        self.every = 1 if device.type == "cpu" or ctx.world_size == 1 else 10
         self.start = time.perf_counter()
 
     def seconds(self) -> float:
@@ -345,9 +362,10 @@ class _Budget:
     def exhausted(self, step: int) -> bool:
         if self.limit <= 0 or step % self.every:
             return False
+        if self.ctx.world_size == 1:
+            return self.seconds() >= self.limit
         flag = torch.tensor([float(self.seconds() >= self.limit)], device=self.device)
-        if self.ctx.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -434,13 +452,20 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
     if ctx.world_size > 1:
         net = DDP(state.model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
+        use_persistent_inductor_cache()         # kernels compiled once per machine, not per run
         net = torch.compile(net)
     schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
     loss_fn = DiffusionLoss(schedule, cfg.diffusion.target, cfg.diffusion.loss_weighting,
                             cfg.diffusion.min_snr_gamma)
     choice = resolve_training_precision(state, loss_fn, cfg, device, ctx)
     state.precision = choice.precision
+    flops = train_flops_per_image(state.model, loss_fn, tuple(data.images.shape[1:]),
+                                  cfg.diffusion.timesteps,
+                                  state.model.null_class if cfg.model.num_classes else None, device)
     state.hardware = {"device": device.type, "device_description": device_description(device),
+                      "flops_per_image": round(flops), "compiled": cfg.train.compile,
+                      "dist_backend": dist.get_backend() if dist.is_available() and dist.is_initialized()
+                      else "none",
                       "threads": torch.get_num_threads(), "world_size": ctx.world_size,
                       "precision": choice.precision, "precision_requested": choice.requested,
                       "precision_reason": choice.reason, "precision_warning": choice.warning,
@@ -452,38 +477,44 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
               f"({choice.reason})" + (f"\nwarning: {choice.warning}" if choice.warning else ""),
               file=sys.stderr)
     plan = BatchPlan(data, cfg, ctx, device, state.model.null_class if cfg.model.num_classes else None)
+    prefetch = Prefetcher(plan.read, enabled=device.type == "cuda")   # next step's images, in pinned memory
     monitor = _Monitor(device, ctx, plan.step_size)
     history: list[dict[str, float]] = []
     bar = progress_bar(total=cfg.train.steps, initial=state.step, desc="training", unit="step",
                        enabled=progress and ctx.is_main)
     budget = _Budget(cfg.train.budget_minutes, state.train_seconds, ctx, device)
     out_of_time = budget.exhausted(state.step)        # a resumed run may have spent it already
-    while state.step < cfg.train.steps and not out_of_time:
-        step = state.step
-        out = train_step(state, net, loss_fn, plan.micro_batches(step), cfg, device)
-        monitor.record(step, out)
-        bar.update(1)
-        out_of_time = budget.exhausted(state.step)
-        state.train_seconds = budget.seconds()
-        done = state.step == cfg.train.steps or out_of_time
-        if state.step % cfg.train.log_every == 0 or done:
-            monitor.check_finite(ckpt_path, last_good)
-            metrics = monitor.report(state.step, out, lr_at(step, cfg.train.lr, cfg.train.warmup_steps))
-            metrics["train_loop_seconds"] = round(state.train_seconds, 3)   # counts over resumes
-            history.append({"step": state.step, **metrics})
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-            if ctx.is_main:
-                _append_metrics(out_dir / METRICS_NAME, history[-1])
-            if on_metrics is not None:
-                on_metrics(state.step, metrics)
-        if state.step % cfg.train.checkpoint_every == 0 or done:
-            monitor.check_finite(ckpt_path, last_good)
-            if ctx.is_main:
-                save_training_checkpoint(state, cfg, ckpt_path)
-            last_good = state.step
-            if on_checkpoint is not None:
-                on_checkpoint(state.step, ckpt_path)
-    bar.close()
+    try:
+        while state.step < cfg.train.steps and not out_of_time:
+            step = state.step
+            out = train_step(state, net, loss_fn, plan.micro_batches(step, prefetch.get(step)), cfg, device)
+            monitor.record(step, out)
+            bar.update(1)
+            out_of_time = budget.exhausted(state.step)
+            state.train_seconds = budget.seconds()
+            done = state.step == cfg.train.steps or out_of_time
+            if state.step % cfg.train.log_every == 0 or done:
+                monitor.check_finite(ckpt_path, last_good)
+                metrics = monitor.report(state.step, out, lr_at(step, cfg.train.lr, cfg.train.warmup_steps))
+                metrics["train_loop_seconds"] = round(state.train_seconds, 3)   # counts over resumes
+                # model FLOP/s of this rank (forward + backward, counted): the numerator of MFU
+                metrics["tflops"] = metrics["img_per_s"] / ctx.world_size * flops / 1e12
+                history.append({"step": state.step, **metrics})
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+                if ctx.is_main:
+                    _append_metrics(out_dir / METRICS_NAME, history[-1])
+                if on_metrics is not None:
+                    on_metrics(state.step, metrics)
+            if state.step % cfg.train.checkpoint_every == 0 or done:
+                monitor.check_finite(ckpt_path, last_good)
+                if ctx.is_main:
+                    save_training_checkpoint(state, cfg, ckpt_path)
+                last_good = state.step
+                if on_checkpoint is not None:
+                    on_checkpoint(state.step, ckpt_path)
+    finally:
+        bar.close()
+        prefetch.close()
     if state.step == resumed_from:     # nothing left to train (steps or budget already spent)
         if ctx.is_main and not ckpt_path.exists():
             save_training_checkpoint(state, cfg, ckpt_path)

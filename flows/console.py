@@ -59,8 +59,9 @@ class Console:
     def hardware(self, what: str, setup: dict) -> None:
         """One line for the resolved choices of a stage, and the warning, if any, once."""
         device = setup.get("device_description")
-        if device and setup.get("world_size", 1) > 1:
-            device = f"{setup['world_size']} workers, each {device}"
+        workers = setup.get("workers") or setup.get("world_size", 1)
+        if device and (setup.get("workers") or workers > 1):      # Ray workers, or DDP ranks
+            device = f"{workers} worker{'s' if workers != 1 else ''}, each {device}"
         self.line(f"  {what}: " + (f"{device}; " if device else "")
                   + f"precision {setup['precision']} ({setup['precision_reason']})"
                   + (f"; memory format {setup['memory_format']} ({setup['memory_format_reason']})"

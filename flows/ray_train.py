@@ -56,7 +56,116 @@ class CodeMismatch(ConfigError):
     """A worker runs other code than the driver (a deployment error: every node needs the same image)."""
 
 
-WORKER_SETUP_ERRORS = (CodeMismatch, DatasetUnavailable)
+class GpuUnavailable(ConfigError):
+    """Ray gave a worker a GPU, but torch in that worker sees no CUDA device."""
+
+
+WORKER_SETUP_ERRORS = (CodeMismatch, DatasetUnavailable, GpuUnavailable)
+CPU_WORKERS = 2              # ray.num_workers: auto on a cluster without GPUs (the global batch of 64)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """``ray.use_gpu`` and ``ray.num_workers`` resolved against the cluster, and why."""
+    num_workers: int
+    use_gpu: bool
+    reason: str
+
+
+def resolve_scaling(cfg: Config, resources: dict[str, float], *, cluster: str) -> Scaling:
+    """Resolve ``ray.use_gpu`` / ``ray.num_workers`` (each ``auto`` or a value) from the cluster's
+    ``resources`` (``ray.cluster_resources()``): GPUs when the cluster has at least one worker's
+    worth and ``train.device`` allows them, then one worker per ``ray.gpus_per_worker`` GPUs;
+    on CPUs, 2 workers. ``cluster`` names the cluster in errors. An explicit ``use_gpu: true``
+    on a cluster without enough GPUs, or ``train.device: cuda`` without GPUs, fails here, before
+    Ray Train waits for resources that will not come."""
+    r, device = cfg.ray, cfg.train.device
+    gpus, per = float(resources.get("GPU", 0.0)), r.gpus_per_worker
+    if r.use_gpu is True and device == "cpu":
+        raise ConfigError("ray.use_gpu = true with train.device = 'cpu': the workers would hold GPUs "
+                          "and not use them; set train.device to auto or cuda, or ray.use_gpu to auto")
+    if r.use_gpu is True or device == "cuda":
+        key = "ray.use_gpu = true" if r.use_gpu is True else "train.device = 'cuda'"
+        if per <= 0:
+            raise ConfigError(f"{key} with ray.gpus_per_worker = 0: set ray.gpus_per_worker > 0")
+        if r.use_gpu is False:
+            raise ConfigError("train.device = 'cuda' with ray.use_gpu = false: Ray workers that "
+                              "request no GPU see none; set ray.use_gpu to auto or true")
+        wanted = per * (r.num_workers if r.num_workers != "auto" else 1)
+        if gpus < wanted:
+            raise ConfigError(f"{key}: {cluster} has {gpus:g} GPUs and "
+                              + (f"ray.num_workers x ray.gpus_per_worker = {wanted:g} are needed"
+                                 if r.num_workers != "auto" else f"a worker needs {per:g}")
+                              + "; run on a cluster with GPUs (RAY_ADDRESS), or set ray.use_gpu=auto "
+                                "to train on CPUs")
+    if r.use_gpu == "auto":
+        use_gpu = device != "cpu" and per > 0 and gpus >= per
+        why = (f"{gpus:g} GPUs in {cluster}" if use_gpu else
+               "train.device = 'cpu'" if device == "cpu" else f"no GPUs in {cluster}")
+    else:
+        use_gpu, why = bool(r.use_gpu), f"ray.use_gpu = {str(r.use_gpu).lower()}"
+    if r.num_workers != "auto":
+        workers, how = int(r.num_workers), "as configured"
+    elif use_gpu:
+        workers, how = max(1, int(gpus // per)), f"one per {per:g} GPU"
+    else:
+        workers, how = CPU_WORKERS, "the CPU default"
+    kind = "GPU" if use_gpu else "CPU"
+    return Scaling(workers, use_gpu, f"{workers} {kind} worker{'s' if workers != 1 else ''} "
+                                     f"({how}; {why})")
+
+
+def resolved(cfg: Config, scaling: Scaling) -> Config:
+    """``cfg`` with ``ray.use_gpu`` and ``ray.num_workers`` replaced by their resolved values."""
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, use_gpu=scaling.use_gpu,
+                                                            num_workers=scaling.num_workers))
+
+
+def gpu_report() -> dict:
+    """What a Ray worker process was given and what torch there sees (runs on the worker)."""
+    ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    cuda = torch.cuda.is_available()
+    return {"node": socket.gethostname(), "ray_gpu_ids": ids,
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"), "cuda": cuda,
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if cuda else [],
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda or "none"}
+
+
+def gpu_problem(report: dict) -> str | None:
+    """The sentence for a worker that Ray gave a GPU but where torch sees no CUDA device."""
+    if not report["ray_gpu_ids"] or report["cuda"]:
+        return None
+    build = (f"torch {report['torch']} is a build without CUDA" if report["torch_cuda"] == "none"
+             else f"torch {report['torch']} (CUDA {report['torch_cuda']}) finds no usable device: "
+                  "check the node's NVIDIA driver")
+    return (f"Ray gave this worker a GPU (node {report['node']}, GPU ids "
+            f"{','.join(report['ray_gpu_ids'])}, CUDA_VISIBLE_DEVICES={report['visible']}) but torch "
+            f"sees no CUDA device: {build}. Install a CUDA build of torch on that node (infra/), or "
+            "set ray.use_gpu=false")
+
+
+def _gpu_preflight(cfg: Config, timeout_s: float = 300.0) -> list[dict]:
+    """Before Ray Train starts its NCCL group (which fails with a bare "NCCL not built in" on a
+    CPU build of torch): one short task per worker, each holding a worker's GPUs and custom
+    resources, reports what torch sees there. Returns the reports; raises :class:`GpuUnavailable`."""
+    r = cfg.ray
+    probe = ray.remote(gpu_report).options(num_cpus=0, num_gpus=r.gpus_per_worker,
+                                           resources=_worker_resources(cfg) or None)
+    refs = [probe.remote() for _ in range(r.num_workers)]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if len(ready) < len(refs):
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise GpuUnavailable(f"ray.use_gpu: {len(refs) - len(ready)} of {len(refs)} GPU workers "
+                             f"could not be placed within {timeout_s:.0f} s; the cluster has "
+                             f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
+    reports = ray.get(refs)
+    for report in reports:
+        problem = gpu_problem(report)
+        if problem:
+            raise GpuUnavailable(problem)
+    return reports
 
 
 def _absolute(cfg: Config) -> Config:
@@ -111,8 +220,11 @@ def train_loop_per_worker(config: dict) -> None:
         if queue is not None:
             queue.put(event, timeout=60)
 
-    # before any device work: the same code as the driver, and the data by version
+    # before any device work: the same code as the driver, a GPU torch can use, the data by version
     _check_code(config["code"])
+    problem = gpu_problem(gpu_report()) if cfg.ray.use_gpu else None
+    if problem:
+        raise GpuUnavailable(problem)
     data = config["data"]
     got = obtain(data["version"], cfg.data.prepared_dir,
                  Remote(**data["remote"]) if data.get("remote") else None)
@@ -166,7 +278,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def init_ray(address: str | None = None) -> None:
-    """Connect to RAY_ADDRESS when set, else start a local cluster sized to this machine."""
+    """Connect to RAY_ADDRESS when set, else start a local cluster sized to this machine: its
+    CPUs and the CUDA devices torch sees (Ray's own GPU detection is not consulted, so the
+    cluster offers exactly the GPUs the training code can use)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -174,12 +288,19 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": always a new cluster of our own, even when `ray start` left one running here
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(),
+                 include_dashboard=False, log_to_driver=True)
+
+
+def cluster_name() -> str:
+    address = os.environ.get("RAY_ADDRESS")
+    return f"the Ray cluster at {address}" if address else "this machine's local Ray cluster"
 
 
 def _check_local_resources(cfg: Config) -> None:
     """On the local cluster (no RAY_ADDRESS) Ray would wait forever for workers this machine
-    cannot hold; say so at once. A real cluster may scale up, so it is not checked."""
+    cannot hold; say so at once. A real cluster may scale up, so only its GPUs are checked
+    (:func:`resolve_scaling`)."""
     if os.environ.get("RAY_ADDRESS"):
         return
     r = cfg.ray
@@ -272,8 +393,15 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
     ``{"kind": "metrics", "step": ..., ...}`` events and every rank's ``{"kind": "data", ...}``
     (how it obtained the dataset) on the driver. ``dataset``: the data version, when known."""
     init_ray()
+    scaling = resolve_scaling(cfg, ray.cluster_resources(), cluster=cluster_name())
+    cfg = resolved(cfg, scaling)
     r = cfg.ray
     _check_local_resources(cfg)
+    if r.use_gpu:
+        _gpu_preflight(cfg)
+    if on_event is not None:
+        on_event({"kind": "scaling", "workers": r.num_workers, "use_gpu": r.use_gpu,
+                  "reason": scaling.reason})
     run_name = ray_run_name(cfg)
     storage = r.storage_path if "://" in r.storage_path else str(Path(r.storage_path).absolute())
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {}),
@@ -337,10 +465,11 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
                            f"log rank 0's events: {relay.error}") from relay.error
     final = load_checkpoint(out / CHECKPOINT_NAME)
     step = int(final["step"])
+    hardware = {**json.loads(final.get("hardware") or "{}"), "ray_use_gpu": r.use_gpu,
+                "ray_scaling": scaling.reason}
     return RayTrainResult(out / CHECKPOINT_NAME, run_name, step, dict(result.metrics or {}),
                           result.checkpoint.path, float(final.get("train_seconds", 0.0)),
-                          "steps" if step >= cfg.train.steps else "budget",
-                          json.loads(final.get("hardware") or "{}"))
+                          "steps" if step >= cfg.train.steps else "budget", hardware)
 
 
 def _git_commit() -> str:

@@ -58,7 +58,8 @@ def extractor_stage(cfg: Config, progress: bool = True) -> dict:
     train_set = load_prepared(cfg.data.prepared_dir, "train")
     heldout = load_prepared(cfg.data.prepared_dir, "heldout")
     model, acc = train_classifier(train_set, heldout, epochs=x.epochs, batch_size=x.batch_size,
-                                  lr=x.lr, seed=x.seed, progress=progress)
+                                  lr=x.lr, seed=x.seed, progress=progress,
+                                  device=select_device(cfg.train.device))
     if acc < x.min_accuracy:
         raise DataError(f"extractor.min_accuracy = {x.min_accuracy}: the domain classifier reached "
                         f"only {acc:.4f} held-out accuracy; raise extractor.epochs")
@@ -97,15 +98,20 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
         monitor.start()
     display = TrainingProgress(console(), cfg.train.steps, cfg.train.budget_minutes) if progress else None
 
+    scaling: dict = {}
+
     def on_setup(hardware: dict) -> None:
         if progress:
-            console().hardware("train", hardware)
+            console().hardware("train", {**hardware, **scaling})
 
     data_obtained: dict[str, str] = {}
 
     def on_event(event: dict) -> None:              # relayed from the Ray workers
         kind = event.pop("kind", "")
-        if kind == "setup":
+        if kind == "scaling":                       # ray.use_gpu / num_workers as resolved
+            scaling.update(workers=event["workers"], ray_scaling=event["reason"])
+            client.set_tag(run_id, "resolved.train.ray_scaling", event["reason"])
+        elif kind == "setup":
             on_setup(event)
         elif kind == "metrics" and display is not None:
             display.update(event.pop("step"), event)
@@ -162,7 +168,16 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
 
 
 def evaluate_stage(cfg: Config, progress: bool = True) -> dict:
+    """Evaluate on this machine's device (a GPU when it has one); a driver without one whose
+    Ray cluster (``RAY_ADDRESS``) has GPUs runs it there as one GPU task (flows/ray_evaluate.py)."""
     from flows.console import console
+    if os.environ.get("RAY_ADDRESS") and cfg.ray.enabled:
+        from flows import ray_evaluate
+        if ray_evaluate.wanted(cfg):
+            metrics, setup = ray_evaluate.remote_evaluate(cfg)
+            console().hardware("sampling", {**setup, "device_description":
+                                            f"{setup['device_description']} on Ray node {setup['node']}"})
+            return metrics
     return evaluate(Path(cfg.train.out_dir) / "checkpoint.pt", cfg, load_extractor(cfg),
                     progress=progress, device=select_device(cfg.train.device),
                     on_setup=lambda s: console().hardware("sampling", s))

@@ -261,7 +261,8 @@ def log_hardware(client: MlflowClient, run_id: str, stage: str, hardware: dict[s
     honestly: ``resolved.<stage>.precision`` / ``.device`` as params for training (one training
     per run), as tags for evaluation (a run may be evaluated again); the reasons as tags."""
     values = {k: hardware[k] for k in ("precision", "precision_requested", "device_description",
-                                        "threads", "world_size", "memory_format")
+                                        "threads", "world_size", "memory_format", "ray_use_gpu",
+                                        "flops_per_image")
               if hardware.get(k) is not None}
     if stage == "train":
         client.log_batch(run_id, params=[Param(f"resolved.{stage}.{k}", str(v)[:_MAX_PARAM_LENGTH])
@@ -269,7 +270,7 @@ def log_hardware(client: MlflowClient, run_id: str, stage: str, hardware: dict[s
     else:
         for k, v in sorted(values.items()):
             client.set_tag(run_id, f"resolved.{stage}.{k}", str(v))
-    for k in ("precision_reason", "precision_warning", "memory_format_reason"):
+    for k in ("precision_reason", "precision_warning", "memory_format_reason", "ray_scaling"):
         if hardware.get(k):
             client.set_tag(run_id, f"resolved.{stage}.{k}", str(hardware[k]))
 

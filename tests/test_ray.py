@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from diffusion.checkpoint import load_checkpoint
-from diffusion.config import load_config
+from diffusion.config import ConfigError, load_config
 from diffusion.data import load_dataset
 from diffusion.trainer import train
 from tests.helpers import digits_dir
 
 ray = pytest.importorskip("ray")
-from flows.ray_train import ray_run_name, ray_train  # noqa: E402
+from flows.ray_train import GpuUnavailable, ray_run_name, ray_train  # noqa: E402
 
 BASE = ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
         "model.preset=tiny", "train.checkpoint_every=2", "train.log_every=2", "train.warmup_steps=2"]
@@ -55,6 +55,63 @@ def test_two_workers_match_one_process_with_double_batch_then_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]                      # steps 1-4 were not trained again
     assert torch.isfinite(torch.tensor(again.metrics["loss"]))
+
+
+def test_use_gpu_true_without_gpus_fails_before_ray_train_waits(tmp_path):
+    # the real local cluster (this machine: no GPU) is asked for GPU workers: an error naming what
+    # is missing, at once, and no Ray Train run was started (no run directory)
+    cfg = load_config(None, BASE + ["train.steps=2", "ray.use_gpu=true", f"ray.storage_path={tmp_path / 'ray'}",
+                                    f"train.out_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"ray.use_gpu = true: this machine's local Ray cluster has 0 "
+                                          r"GPUs and a worker needs 1"):
+        ray_train(cfg)
+    assert not (tmp_path / "ray").exists()
+    # and with the defaults (use_gpu: auto, num_workers: auto) the same cluster trains 2 CPU workers
+    events = []
+    result = ray_train(load_config(None, BASE + ["train.steps=2", f"ray.storage_path={tmp_path / 'ray'}",
+                                                 f"train.out_dir={tmp_path / 'auto'}"]),
+                       on_event=events.append)
+    scaling = [e for e in events if e["kind"] == "scaling"]
+    assert scaling == [{"kind": "scaling", "workers": 2, "use_gpu": False,
+                        "reason": "2 CPU workers (the CPU default; no GPUs in this machine's local Ray cluster)"}]
+    assert result.hardware["ray_use_gpu"] is False and result.hardware["world_size"] == 2
+    assert result.hardware["device"] == "cpu"
+
+
+def test_evaluate_as_a_ray_task_writes_what_the_local_stage_writes(tmp_path):
+    # the path a GPU-less driver takes to a cluster's GPU (flows/ray_evaluate.py), here on a CPU
+    # worker: checkpoint and extractor by value, data by version, the driver writes the results
+    from diffusion.evaluate import evaluate
+    from diffusion.features import save_classifier, train_classifier
+    from diffusion.data import load_prepared
+    from flows.ray_evaluate import remote_evaluate
+    from flows.stages import load_extractor
+    model, acc = train_classifier(load_prepared(digits_dir(), "train"), load_prepared(digits_dir(), "heldout"),
+                                  epochs=2, progress=False)
+    save_classifier(model, tmp_path / "extractor.pt", {"heldout_accuracy": acc})
+    common = BASE + ["train.steps=2", "train.batch_size=16", f"train.out_dir={tmp_path / 'out'}",
+                     f"extractor.path={tmp_path / 'extractor.pt'}", "evaluate.fid_samples=32",
+                     "evaluate.fid_seeds=1", "evaluate.kid_subset_size=16", "evaluate.steps=4",
+                     "evaluate.precision=fp32", "evaluate.memory_format=contiguous"]
+    cfg = load_config(None, common + [f"evaluate.metrics_path={tmp_path / 'local' / 'eval.json'}",
+                                      f"evaluate.grid_path={tmp_path / 'local' / 'grid.png'}",
+                                      f"evaluate.reference_cache={tmp_path / 'ref'}"])
+    train(cfg, load_dataset(cfg.data), progress=False)
+    local = evaluate(tmp_path / "out" / "checkpoint.pt", cfg, load_extractor(cfg), progress=False)
+    remote_cfg = load_config(None, common + [f"evaluate.metrics_path={tmp_path / 'remote' / 'eval.json'}",
+                                             f"evaluate.grid_path={tmp_path / 'remote' / 'grid.png'}",
+                                             f"evaluate.reference_cache={tmp_path / 'ref2'}"])
+    metrics, setup = remote_evaluate(remote_cfg, use_gpu=False)
+    assert setup["precision"] == "fp32" and setup["node"]
+    from PIL import Image
+    with Image.open(tmp_path / "remote" / "grid.png") as a, Image.open(tmp_path / "local" / "grid.png") as b:
+        assert a.size == b.size and a.mode == b.mode
+    assert json.loads((tmp_path / "remote" / "eval.json").read_text()) == metrics
+    assert metrics["checkpoint_step"] == local["checkpoint_step"] == 2
+    assert metrics["extractor_sha256"] == local["extractor_sha256"]
+    for key in ("fid", "kid", "floor_fid", "confident_share"):
+        assert metrics[key] == pytest.approx(local[key], rel=1e-6, abs=1e-9), key
+    assert not (tmp_path / "ref2").exists()        # the task's reference statistics stay there
 
 
 def _worker_pids():
@@ -106,3 +163,21 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(tmp_path):
     assert result.step == 400                              # exactly the configured steps
     # the final attempt started from a reported checkpoint, so at most one interval was redone
     assert result.metrics["resumed_from"] >= 25 and result.metrics["resumed_from"] % 25 == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no CUDA device")
+def test_a_gpu_that_torch_cannot_see_is_named_not_a_stack_trace(tmp_path):
+    # a Ray node that declares a GPU on a machine whose torch has no CUDA (a CPU image on a GPU
+    # node, a missing driver): use_gpu auto picks the GPU, and the run stops with the sentence
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        cfg = load_config(None, BASE + ["train.steps=2", f"ray.storage_path={tmp_path / 'ray'}",
+                                        f"train.out_dir={tmp_path / 'out'}"])
+        with pytest.raises(GpuUnavailable, match=r"^Ray gave this worker a GPU \(node .*, GPU ids 0, "
+                                                 r"CUDA_VISIBLE_DEVICES=0\) but torch sees no CUDA device: "
+                                                 r"torch .* is a build without CUDA"):
+            ray_train(cfg)
+        assert not (tmp_path / "ray").exists()            # before Ray Train started
+    finally:
+        ray.shutdown()

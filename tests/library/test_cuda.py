@@ -74,3 +74,57 @@ def test_cuda_batches_do_not_depend_on_the_split_across_ranks():
     for name in ("x0", "t", "noise", "labels"):
         assert torch.equal(getattr(one, name), torch.cat([getattr(p, name) for p in parts])), name
     assert one.noise.device.type == "cuda"
+
+
+def test_ray_train_uses_the_gpu_with_nccl_by_default(tmp_path):
+    # the defaults (ray.use_gpu: auto, ray.num_workers: auto) on a GPU machine's local cluster:
+    # one worker per GPU, NCCL, training on CUDA; then the evaluate stage's Ray task on a GPU
+    ray = pytest.importorskip("ray")
+    from flows.ray_evaluate import remote_evaluate
+    from flows.ray_train import ray_train
+    from diffusion.features import save_classifier, train_classifier
+    from diffusion.data import load_prepared
+    base = [a for a in TINY if a != "train.device=cuda"] + [
+        "train.steps=10", f"train.out_dir={tmp_path / 'out'}", f"ray.storage_path={tmp_path / 'ray'}"]
+    events = []
+    try:
+        result = ray_train(load_config(None, base), on_event=events.append)
+        assert result.step == 10
+        scaling = next(e for e in events if e["kind"] == "scaling")
+        assert scaling["use_gpu"] is True and scaling["workers"] == torch.cuda.device_count()
+        hw = result.hardware
+        assert hw["device"] == "cuda" and hw["ray_use_gpu"] is True and hw["dist_backend"] == "nccl"
+        assert "(CUDA)" in hw["device_description"] and hw["precision"] == "bf16"
+        model, acc = train_classifier(load_prepared(digits_dir(), "train"), load_prepared(digits_dir(), "heldout"),
+                                      epochs=2, progress=False, device="cuda")
+        save_classifier(model, tmp_path / "extractor.pt", {"heldout_accuracy": acc})
+        cfg = load_config(None, base + [f"extractor.path={tmp_path / 'extractor.pt'}", "evaluate.fid_samples=64",
+                                        "evaluate.fid_seeds=1", "evaluate.kid_subset_size=32",
+                                        f"evaluate.metrics_path={tmp_path / 'eval.json'}",
+                                        f"evaluate.grid_path={tmp_path / 'grid.png'}",
+                                        f"evaluate.reference_cache={tmp_path / 'ref'}"])
+        metrics, setup = remote_evaluate(cfg, use_gpu=True)
+        assert "(CUDA)" in setup["device_description"] and metrics["checkpoint_step"] == 10
+        assert (tmp_path / "eval.json").exists() and (tmp_path / "grid.png").exists()
+    finally:
+        ray.shutdown()
+
+
+def test_prefetched_pinned_batches_equal_direct_reads(tmp_path):
+    # the CUDA loop reads step k+1's images in a thread into pinned memory: same samples as
+    # reading them in the loop (the CPU path), so a run is the same whichever path fed it
+    from diffusion.trainer import BatchPlan, DistContext
+    from diffusion.throughput import Prefetcher
+    cfg = load_config(None, TINY + [f"train.out_dir={tmp_path}"])
+    data = load_dataset(cfg.data)
+    plan = BatchPlan(data, cfg, DistContext(), torch.device("cuda"), 10)
+    ahead = Prefetcher(plan.read, enabled=True)
+    try:
+        for step in range(5):
+            host = ahead.get(step)
+            assert all(images.is_pinned() for _, images, _ in host)
+            a, b = plan.micro_batches(step, host), plan.micro_batches(step)
+            for x, y in zip(a, b):
+                assert torch.equal(x.x0, y.x0) and torch.equal(x.t, y.t) and torch.equal(x.labels, y.labels)
+    finally:
+        ahead.close()
