@@ -2,6 +2,12 @@
 fixed start-up seconds and per-step slowdown (1 Ray worker vs 1 process, and 2 workers).
 
     python bench/bench_ray.py [--steps 150]
+    python bench/bench_ray.py --startup [--json FILE]    # seconds from ray_train() to the first step
+
+``--startup``: a fresh process calls ``ray_train`` with the default 2 workers on the local cluster
+(``ray.init`` included) and times the moment rank 0 reports its resolved hardware, just before
+its first training step; then a second run in the same process (the cluster reused), and the
+whole call.
 """
 
 from __future__ import annotations
@@ -29,11 +35,46 @@ def step_rate(metrics_path: Path, skip_first: int = 1) -> float:
     return rates[len(rates) // 2]
 
 
+def startup(json_path: Path | None, stock: bool) -> None:
+    from diffusion.prepare import packaged_records
+    from flows import ray_local
+    from flows.ray_train import init_ray, ray_train
+    if stock:                      # the "before": Ray Train's stock start (flows/ray_local.py off)
+        ray_local.local_trainer_class = lambda base: base
+    t0 = time.perf_counter()
+    init_ray()
+    init_s = time.perf_counter() - t0
+    tmp = Path(tempfile.mkdtemp())
+    prepare(packaged_records("digits"), tmp / "data", resolution=8, channels=1, heldout_fraction=0.1)
+    rows = []
+    for attempt in ("fresh cluster", "cluster reused"):
+        cfg = load_config(None, [f"data.prepared_dir={tmp / 'data'}", "data.resolution=8", "model.preset=tiny",
+                                 "train.steps=2", "train.batch_size=16", f"train.out_dir={tmp / attempt}",
+                                 f"ray.storage_path={tmp / 'ray'}", f"ray.run_name={attempt[:5]}"])
+        first: list[float] = []
+        t0 = time.perf_counter() - (init_s if attempt == "fresh cluster" else 0.0)   # the cluster's start counts
+        ray_train(cfg, on_event=lambda e: first.append(time.perf_counter()) if e["kind"] == "setup" else None)
+        total = time.perf_counter() - t0
+        rows.append({"what": "ray_startup", "trainer": "stock" if stock else "local",
+                     "attempt": attempt, "to_first_step_s": round(first[0] - t0, 2), "ray_init_s": round(init_s, 2),
+                     "call_s": round(total, 2), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")})
+        print(f"{attempt}: first step after {first[0] - t0:.1f} s, ray_train() returned after {total:.1f} s")
+    if json_path:
+        with json_path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--startup", action="store_true", help="time Ray start-up to the first step")
+    p.add_argument("--json", type=Path, help="append --startup results as JSON lines")
+    p.add_argument("--stock", action="store_true", help="--startup with Ray Train's stock trainer (before)")
     args = p.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if args.startup:
+        return startup(args.json, args.stock)
     tmp = Path(tempfile.mkdtemp())
     prepare(packaged_records("mnist"), tmp / "data", resolution=28, channels=1, heldout_fraction=0.1)
     base = [f"data.prepared_dir={tmp / 'data'}", "model.preset=tiny", "model.attention_resolutions=[]",

@@ -429,7 +429,11 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
         console().warning(f"dataset version {source['version']} is not on the DVC remote "
                           f"{source['remote']['url']}: workers on nodes without "
                           f"{Path(cfg.data.prepared_dir).absolute()} cannot train; run dvc push")
-    trainer = TorchTrainer(
+    trainer_class = TorchTrainer
+    if not os.environ.get("RAY_ADDRESS"):             # this process's own cluster: a lighter start
+        from flows.ray_local import local_trainer_class
+        trainer_class = local_trainer_class(TorchTrainer)
+    trainer = trainer_class(
         train_loop_per_worker,
         train_loop_config={"cfg": _absolute(cfg).to_dict(), "code": code,
                            "data": source, "events": relay.queue,

@@ -14,17 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING
 
-from diffusion.checkpoint import CheckpointError
 from diffusion.config import Config, ConfigError, load_config
-from diffusion.data import load_dataset, load_prepared
-from diffusion.evaluate import evaluate
-from diffusion.features import (FeatureExtractor, load_domain_extractor, load_inception,
-                                save_classifier, train_classifier)
 from diffusion.prepare import DataError, PrepareResult, dataset_version, prepare_from_config
-from diffusion.trainer import NonFiniteLossError, select_device, train
-from diffusion.validate import ValidationFailed, ValidationReport, validate_dataset
+
+if TYPE_CHECKING:
+    from diffusion.features import FeatureExtractor
+    from diffusion.validate import ValidationReport
+
+# torch, MLflow and pandas are imported by the stages that use them: a `dvc repro` prepare or
+# validate process does not pay for them.
 
 STAGES = ("prepare", "validate", "extractor", "train", "evaluate", "register")
 RUN_INFO = "run.json"        # train stage -> register stage: the MLflow run and Ray run of a model
@@ -46,12 +46,16 @@ def prepare_stage(cfg: Config) -> PrepareResult:
 
 
 def validate_stage(cfg: Config) -> ValidationReport:
+    from diffusion.validate import validate_dataset
     d = cfg.data
     return validate_dataset(d.prepared_dir, d.validation_dir, min_pixel_std=d.min_pixel_std)
 
 
 def extractor_stage(cfg: Config, progress: bool = True) -> dict:
     """Train the domain classifier on the training split (a no-op for the Inception extractor)."""
+    from diffusion.data import load_prepared
+    from diffusion.features import load_inception, save_classifier, train_classifier
+    from diffusion.trainer import select_device
     x = cfg.extractor
     if x.kind == "inception":
         return {"extractor": "inception", "sha256": load_inception(x.path).sha256}
@@ -69,6 +73,7 @@ def extractor_stage(cfg: Config, progress: bool = True) -> dict:
 
 
 def load_extractor(cfg: Config) -> FeatureExtractor:
+    from diffusion.features import load_domain_extractor, load_inception
     x = cfg.extractor
     return load_domain_extractor(x.path) if x.kind == "domain" else load_inception(x.path)
 
@@ -79,6 +84,8 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
     console shows the workers' resolved hardware and one progress display (``progress``)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    from diffusion.data import load_dataset
+    from diffusion.trainer import train
     from flows.console import TrainingProgress, console
     from flows.tracking import TrainingTracker, client_for, log_hardware, start_training_run
     started = time.perf_counter()
@@ -170,6 +177,8 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
 def evaluate_stage(cfg: Config, progress: bool = True) -> dict:
     """Evaluate on this machine's device (a GPU when it has one); a driver without one whose
     Ray cluster (``RAY_ADDRESS``) has GPUs runs it there as one GPU task (flows/ray_evaluate.py)."""
+    from diffusion.evaluate import evaluate
+    from diffusion.trainer import select_device
     from flows.console import console
     if os.environ.get("RAY_ADDRESS") and cfg.ray.enabled:
         from flows import ray_evaluate
@@ -256,11 +265,23 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate_stage(cfg), indent=2))
         else:
             print(json.dumps(register_stage(cfg), indent=2))
-    except (ConfigError, DataError, ValidationFailed, CheckpointError, NonFiniteLossError,
-            StageError, MlflowException) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _expected_errors()):
+            raise
         print(f"error: {args.stage} stage: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """The errors a stage reports in one line (exit 2): bad input or configuration. Those of
+    modules the stage never imported cannot have been raised, so they are not imported here."""
+    errors: list[type[Exception]] = [ConfigError, DataError, StageError]
+    for module, name in (("diffusion.validate", "ValidationFailed"), ("diffusion.checkpoint", "CheckpointError"),
+                         ("diffusion.trainer", "NonFiniteLossError"), ("mlflow.exceptions", "MlflowException")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""Ray Train V2 without what a run on the local, single-machine cluster does not use.
+
+A ``TorchTrainer.fit()`` starts, besides the workers: a preemption watcher (spot nodes), Ray
+Train's own metrics, a request to the autoscaling coordinator that blocks the controller for up to
+5 s while that actor starts (twice when it times out, and again at shutdown), a placement-group
+cleaner actor (for a controller that dies while the cluster lives on) and a dataset manager
+actor (for Ray Datasets, of which this project passes none). On a 2-core machine these cost
+tens of seconds before the first step. On the local cluster, which lives and dies with this
+process and has no autoscaler, :func:`local_trainer_class` drops them; on a ``RAY_ADDRESS``
+cluster nothing is changed.
+
+Measured in bench/bench_ray.py (bench/RESULTS.md). This module imports only Ray: the controller
+actor unpickles the scaling policy below from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by Ray Train when fit() starts (in the driver, and propagated to the controller actor).
+LOCAL_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",   # no spot pre-emption on this machine
+    "RAY_TRAIN_METRICS_ENABLED": "0",             # Ray's own metrics (we report ours)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",     # notice the end of training sooner (default 2)
+}
+
+try:      # Ray Train V2 internals (2.60); when they move, the stock trainer runs unchanged
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    class LocalScalingPolicy(FixedScalingPolicy):
+        """A fixed worker count that never asks the autoscaling coordinator for resources."""
+
+        def after_controller_start(self, train_run_context) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+    _INTERNALS = True
+except ImportError:                                 # pragma: no cover - another Ray version
+    _INTERNALS = False
+
+
+def local_trainer_class(base: type) -> type:
+    """A subclass of the trainer class ``base`` for the local cluster (see the module's text)."""
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if not _INTERNALS or not hasattr(base, "_initialize_and_run_controller"):
+        return base
+
+    class LocalTrainer(base):
+        def _initialize_and_run_controller(self, **kwargs):
+            policy = kwargs.get("scaling_policy")
+            if type(policy) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = LocalScalingPolicy(policy.scaling_config)
+            unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            kwargs["callbacks"] = [c for c in kwargs.get("callbacks", []) if not isinstance(c, unused)]
+            return super()._initialize_and_run_controller(**kwargs)
+
+    LocalTrainer.__name__ = LocalTrainer.__qualname__ = f"Local{base.__name__}"
+    return LocalTrainer
