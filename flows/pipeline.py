@@ -92,7 +92,7 @@ def _stage(name: str, fn, *args, **kwargs):
 
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(cfg: dict) -> dict:
-    r = _stage("prepare", stages.prepare_stage, _cfg(cfg))
+    r = _stage("prepare", stages.prepare_stage, _cfg(cfg), progress=console().interactive)
     return {"dataset_version": r.version, "counts": r.counts, "rejects": r.rejects}
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import socket
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import PIL
@@ -33,7 +34,8 @@ from diffusion.prepare import (BadFile, DataError, FolderEntry, PreparedImage, P
                                folder_entries, prepare_record, write_prepared)
 from flows.provenance import source_digest
 
-CHUNK_BYTES = 256 * 2**20      # encoded folder bytes per Ray Data dataset
+CHUNK_BYTES = 64 * 2**20       # encoded folder bytes per Ray Data dataset (the driver holds one)
+CHUNK_KEYS = 4096               # S3 objects per Ray Data dataset
 BATCH = 256                     # images per map_batches call
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ def _folder_chunks(entries: list[FolderEntry | BadFile]):
         yield rows, bad
 
 
-def ray_prepare(d: DataConfig) -> PrepareResult:
+def ray_prepare(d: DataConfig, progress=None) -> PrepareResult:
     """The prepare stage for ``d`` with decoding on Ray Data (see the module docstring)."""
     if d.bad_files not in ("fail", "skip"):
         raise DataError(f"data.bad_files = {d.bad_files!r}: expected 'fail' or 'skip'")
@@ -153,31 +155,34 @@ def ray_prepare(d: DataConfig) -> PrepareResult:
     from flows.ray_train import init_ray
     init_ray()
     shape = dict(resolution=d.resolution, channels=d.channels)
-    found: list[tuple[int, PreparedImage | BadFile]] = []
+
+    def decoded(chunks) -> Iterator[PreparedImage | BadFile]:
+        """Chunk after chunk (each bounded: CHUNK_BYTES of files, or CHUNK_KEYS objects), decoded
+        on Ray Data and put back in listing order: the driver holds one chunk at a time."""
+        for rows, bad, fn in chunks:
+            found = bad + (_run(rows, fn, d.ray_workers) if rows else [])
+            found.sort(key=lambda item: item[0])
+            for _, item in found:
+                if isinstance(item, BadFile):
+                    yield item
+                else:
+                    key, pixels, label, sha = item
+                    pixels = np.frombuffer(pixels, np.uint8).reshape(d.channels, d.resolution, d.resolution)
+                    yield PreparedImage(key, pixels, label, sha)
+
     if d.source == "folder":
-        entries = list(folder_entries(d.path))
+        entries = sorted(folder_entries(d.path), key=lambda e: e.key)      # key order
         fn = functools.partial(_decode_batch, **shape)
-        for rows, bad in _folder_chunks(entries):
-            found += bad
-            if rows:
-                found += _run(rows, fn, d.ray_workers)
+        chunks = ((rows, bad, fn) for rows, bad in _folder_chunks(entries))
     else:
         from flows.s3 import list_keys, parse_s3_uri
         bucket, prefix = parse_s3_uri(d.path)
-        keys = list_keys(d.path)
+        keys = list_keys(d.path)                                          # sorted
         fn = functools.partial(_decode_batch, bucket=bucket, prefix=prefix, **shape)
-        found = _run([{"pos": i, "key": k} for i, k in enumerate(keys)], fn, d.ray_workers)
-    found.sort(key=lambda item: item[0])               # listing order, as the local engine sees it
-
-    def items():
-        for _, item in found:
-            if isinstance(item, BadFile):
-                yield item
-            else:
-                key, pixels, label, sha = item
-                pixels = np.frombuffer(pixels, np.uint8).reshape(d.channels, d.resolution, d.resolution)
-                yield PreparedImage(key, pixels, label, sha)
+        chunks = (([{"pos": i, "key": k} for i, k in enumerate(keys[start:start + CHUNK_KEYS], start)], [], fn)
+                  for start in range(0, len(keys), CHUNK_KEYS))
+    items = decoded(chunks)
     origin = f"{d.source}:{d.path}"
-    return write_prepared(items(), Path(d.prepared_dir), resolution=d.resolution, channels=d.channels,
+    return write_prepared(items, Path(d.prepared_dir), resolution=d.resolution, channels=d.channels,
                           heldout_fraction=d.heldout_fraction, bad_files=d.bad_files, source=d.source,
-                          origin=origin)
+                          origin=origin, progress=progress)

@@ -8,6 +8,8 @@ errors ("standard" retry mode).
 
 from __future__ import annotations
 
+import collections
+
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -16,7 +18,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-from diffusion.prepare import IMAGE_SUFFIXES, BadFile, DataError, Record
+from diffusion.prepare import IMAGE_SUFFIXES, BadFile, DataError, KeyOrdered, Record
 
 RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=64)
 
@@ -102,9 +104,13 @@ def fetch_record(client, bucket: str, prefix: str, key: str) -> Record | BadFile
     return Record(where, body, parts[0] if len(parts) > 1 else None)
 
 
-def s3_records(uri: str, workers: int = 16, client=None, page_size: int = 1000
-               ) -> Iterator[Record | BadFile]:
-    """Records for every image under ``uri``; the class is the first folder below the prefix."""
+def s3_records(uri: str, workers: int = 16, client=None, page_size: int = 1000) -> KeyOrdered:
+    """Records for every image under ``uri`` in key order, read as they are reached; the class
+    is the first folder below the prefix."""
+    return KeyOrdered(_s3_records(uri, workers, client, page_size))
+
+
+def _s3_records(uri: str, workers: int, client, page_size: int) -> Iterator[Record | BadFile]:
     bucket, prefix = parse_s3_uri(uri)
     client = client or s3_client()
     keys = list_keys(uri, client, page_size)
@@ -112,5 +118,15 @@ def s3_records(uri: str, workers: int = 16, client=None, page_size: int = 1000
     def fetch(key: str) -> Record | BadFile:
         return fetch_record(client, bucket, prefix, key)
 
+    # in key order with at most 2 x workers objects in flight or waiting: memory stays bounded
+    # whatever the prefix holds (pool.map would submit every key at once and keep the bodies)
+    window = 2 * workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(fetch, keys)
+        pending = collections.deque(pool.submit(fetch, k) for k in keys[:window])
+        ahead = iter(keys[window:])
+        while pending:
+            record = pending.popleft().result()
+            nxt = next(ahead, None)
+            if nxt is not None:
+                pending.append(pool.submit(fetch, nxt))
+            yield record

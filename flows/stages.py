@@ -34,15 +34,30 @@ class StageError(RuntimeError):
     """A stage cannot run: a missing or inconsistent input, named in the message."""
 
 
-def prepare_stage(cfg: Config) -> PrepareResult:
+def prepare_stage(cfg: Config, progress: bool = False) -> PrepareResult:
+    """Prepare the configured source; ``progress``: a bar with images/s and the rejects so far
+    (on a terminal)."""
+    from diffusion.progress import progress_bar
     d = cfg.data
-    if d.engine == "ray":
-        from flows.ray_prepare import ray_prepare
-        return ray_prepare(d)
-    if d.source == "s3":
-        from flows.s3 import s3_records
-        return prepare_from_config(d, s3_records(d.path, workers=d.s3_workers))
-    return prepare_from_config(d)
+    bar = progress_bar(total=None, desc="prepare", unit="img", enabled=progress, leave=False)
+    shown = {"items": 0, "rejects": 0}
+
+    def advance(images: int, rejects: int) -> None:
+        bar.update(images + rejects - shown["items"])
+        shown["items"] = images + rejects
+        if rejects != shown["rejects"]:
+            shown["rejects"] = rejects
+            bar.set_postfix(rejects=rejects, refresh=False)
+    try:
+        if d.engine == "ray":
+            from flows.ray_prepare import ray_prepare
+            return ray_prepare(d, progress=advance)
+        if d.source == "s3":
+            from flows.s3 import s3_records
+            return prepare_from_config(d, s3_records(d.path, workers=d.s3_workers), progress=advance)
+        return prepare_from_config(d, progress=advance)
+    finally:
+        bar.close()
 
 
 def validate_stage(cfg: Config) -> ValidationReport:
@@ -251,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.params, args.overrides)
         if args.stage == "prepare":
-            r = prepare_stage(cfg)
+            r = prepare_stage(cfg, progress=sys.stderr.isatty())
             print(json.dumps({"prepared": str(r.out_dir), "counts": r.counts, "classes": r.classes,
                               "rejects": r.rejects, "dataset_version": r.version}, indent=2))
         elif args.stage == "validate":
