@@ -1,7 +1,9 @@
 """Peak memory and throughput of the prepare stage against the dataset's size: folders of 64x64
 RGB PNGs (5,000 / 60,000 / 200,000 by default) through ``python -m flows.stages prepare`` with
 the local engine and the Ray engine, one fresh process per run. Peak = the process's VmHWM (its
-own high-water mark; the Ray engine's decode tasks live in other processes and are not counted).
+own high-water mark, VmHWM; the Ray engine's decode tasks live in other processes and are not
+counted, but the pages of Ray's shared-memory object store that the driver touches are) and the
+peak of its private memory (RssAnon, sampled every 0.1 s: without the object store's pages).
 
     python bench/bench_prepare_memory.py [--sizes 5000 60000 200000] [--engines local ray]
         [--repo PATH]        # the code to measure (default: this checkout; another worktree
@@ -28,10 +30,18 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64
 LAUNCH = """
-import atexit, runpy, sys
+import atexit, runpy, sys, threading, time
+anon = [0]
+def field(name):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(name)).split()[1])
+def sample():
+    while True:
+        anon[0] = max(anon[0], field("RssAnon:"))
+        time.sleep(0.1)
+threading.Thread(target=sample, daemon=True).start()
 def report():
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    print("peak_kib", hwm.split()[1], file=sys.stderr)
+    print("peak_kib", field("VmHWM:"), file=sys.stderr)
+    print("anon_kib", max(anon[0], field("RssAnon:")), file=sys.stderr)
 atexit.register(report)
 sys.argv = sys.argv[1:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
@@ -58,7 +68,8 @@ def run(repo: Path, folder: Path, engine: str, work: Path) -> dict:
            "GLOO_SOCKET_IFNAME": "lo"}
     args = ["flows.stages", "prepare", "--params", str(repo / "params.yaml"), "data.source=folder",
             f"data.path={folder}", f"data.resolution={RES}", "data.channels=3", f"data.engine={engine}",
-            f"data.prepared_dir={work / 'prepared'}", f"data.validation_dir={work / 'validation'}"]
+            f"data.prepared_dir={work / 'prepared'}", f"data.validation_dir={work / 'validation'}",
+            "model.preset=tiny"]
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", LAUNCH, *args], cwd=work, env=env, capture_output=True,
                          text=True, timeout=3600)
@@ -66,10 +77,12 @@ def run(repo: Path, folder: Path, engine: str, work: Path) -> dict:
     if out.returncode:
         raise SystemExit(f"prepare failed:\n{out.stdout}\n{out.stderr[-3000:]}")
     peak = [line.split()[1] for line in out.stderr.splitlines() if line.startswith("peak_kib ")]
+    anon = [line.split()[1] for line in out.stderr.splitlines() if line.startswith("anon_kib ")]
     summary = json.loads(out.stdout)
     n = sum(summary["counts"].values())
     return {"images": n, "seconds": round(seconds, 1), "img_per_s": round(n / seconds, 1),
-            "peak_mib": round(int(peak[-1]) / 1024, 1), "version": summary["dataset_version"]}
+            "peak_mib": round(int(peak[-1]) / 1024, 1), "anon_peak_mib": round(int(anon[-1]) / 1024, 1),
+            "version": summary["dataset_version"]}
 
 
 def main() -> None:

@@ -69,20 +69,31 @@ def summarize(extractor: FeatureExtractor, images, batch_size: int = 500,
     return stats, (np.concatenate(subset) if subset else np.zeros((0, dim)))
 
 
-def reference_key(dataset: str, extractor_sha256: str, resolution: int, split: str, n: int) -> str:
+def reference_key(dataset: str, extractor_sha256: str, resolution: int, split: str, n: int,
+                  device: str = "cpu") -> str:
     fields = {"dataset": dataset, "extractor": extractor_sha256, "resolution": resolution,
               "split": split, "n": n}
+    if device != "cpu":                      # another device's arithmetic: its own statistics
+        fields["device"] = device
     if n > KID_REFERENCE_MAX:                # only a subset of the features is kept for KID
         fields["kid_reference"] = KID_REFERENCE_MAX
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _extractor_device(extractor: FeatureExtractor) -> str:
+    module = getattr(extractor, "model", None) or getattr(extractor, "module", None)
+    try:
+        return next(module.parameters()).device.type
+    except (AttributeError, StopIteration, TypeError):
+        return "cpu"
+
+
 def reference_stats(cache_dir: str | Path, images: ImageSet, extractor: FeatureExtractor, *,
                     dataset: str, split: str) -> tuple[Reference, bool]:
     """Statistics of real images, from the cache when the key matches; returns (stats, cache_hit)."""
     n, resolution = images.images.shape[0], images.images.shape[-1]
-    key = reference_key(dataset, extractor.sha256, resolution, split, n)
+    key = reference_key(dataset, extractor.sha256, resolution, split, n, _extractor_device(extractor))
     path = Path(cache_dir) / f"{split}-{key[:24]}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:

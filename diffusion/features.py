@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import hashlib
 import json
 import warnings
@@ -41,7 +39,7 @@ class FeatureExtractor(Protocol):
         """uint8 (B, C, H, W) -> float features (B, dim)."""
 
     def to(self, device: str | torch.device) -> "FeatureExtractor":
-        """The same extractor computing on ``device``."""
+        """Compute on ``device`` from now on; returns the extractor."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -97,29 +95,28 @@ def accuracy(model: DomainClassifier, data: ImageSet, batch_size: int = 512) -> 
 
 
 @contextlib.contextmanager
-def _deterministic_cudnn(device: torch.device) -> Iterator[None]:
-    """cuDNN's deterministic kernels while the (small) classifier trains on a GPU: the same data
-    and seed give the same weights file, so its sha256 (the extractor's identity) is stable."""
+def _full_fp32(device: torch.device) -> Iterator[None]:
+    """Features in full fp32 on a GPU (TF32 off for the block), so that they match the CPU's to
+    float rounding: the reference statistics and the samples' features are on one scale."""
     if device.type != "cuda":
         yield
         return
-    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def train_classifier(train: ImageSet, heldout: ImageSet, *, epochs: int = 12, batch_size: int = 128,
                      lr: float = 2e-3, seed: int = 0, progress: bool = True,
                      device: str | torch.device = "cpu") -> tuple[DomainClassifier, float]:
-    """Train the domain classifier on the training split (on ``device``; the batches and the
-    augmentation are drawn on the CPU, so their order is the same everywhere); return it on the
-    CPU and its held-out accuracy."""
+    """Train the domain classifier on the training split; return it on the CPU and its held-out
+    accuracy. Bit-reproducible on the CPU (the pipeline's extractor stage trains there); on
+    CUDA the pooling backward is not deterministic, so each run gives other weights."""
     device = torch.device(device)
-    with _deterministic_cudnn(device):
-        model, acc = _train_classifier(train, heldout, epochs, batch_size, lr, seed, progress, device)
+    model, acc = _train_classifier(train, heldout, epochs, batch_size, lr, seed, progress, device)
     return model.cpu(), acc
 
 
@@ -168,20 +165,25 @@ class DomainExtractor:
     dim: int = 128
 
     def to(self, device: str | torch.device) -> "DomainExtractor":
-        """The same extractor computing on ``device`` (features still come back as NumPy)."""
-        return dataclasses.replace(self, model=copy.deepcopy(self.model).to(device))
+        """Compute on ``device`` from now on (moves the network; features still come back as
+        NumPy); returns the extractor."""
+        self.model.to(device)
+        return self
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        return self.model.features(images.to(_device_of(self.model))).double().cpu().numpy()
+        device = _device_of(self.model)
+        with _full_fp32(device):
+            return self.model.features(images.to(device)).double().cpu().numpy()
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
         """Class probabilities (N, classes) of uint8 images (softmax of the classifier head)."""
         device = _device_of(self.model)
-        return np.concatenate([torch.softmax(self.model(images[i:i + batch_size].to(device)).double(),
-                                             1).cpu().numpy()
-                               for i in range(0, images.shape[0], batch_size)])
+        with _full_fp32(device):
+            return np.concatenate([torch.softmax(self.model(images[i:i + batch_size].to(device)).double(),
+                                                 1).cpu().numpy()
+                                   for i in range(0, images.shape[0], batch_size)])
 
 
 def load_domain_extractor(path: str | Path) -> DomainExtractor:
@@ -210,8 +212,11 @@ class InceptionExtractor:
     device: str = "cpu"
 
     def to(self, device: str | torch.device) -> "InceptionExtractor":
-        """The same network computing on ``device`` (features still come back as NumPy)."""
-        return dataclasses.replace(self, module=self.module.to(device), device=str(device))
+        """Compute on ``device`` from now on (moves the network; features still come back as
+        NumPy); returns the extractor."""
+        self.module.to(device)
+        self.device = str(device)
+        return self
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
@@ -221,7 +226,8 @@ class InceptionExtractor:
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear",
                               align_corners=False).round().clamp(0, 255).to(torch.uint8)
-        feats = self.module(x, return_features=True)
+        with _full_fp32(x.device):
+            feats = self.module(x, return_features=True)
         if feats.dim() != 2 or feats.shape[1] != self.dim:
             raise ValueError(f"Inception network returned features of shape {tuple(feats.shape)}, "
                              f"expected (B, {self.dim})")

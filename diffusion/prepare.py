@@ -398,7 +398,7 @@ class _ShardWriter:
         self.counts = {s: 0 for s in SPLITS}
         self.sums: dict[str, list] = {}
         self.labels: set[str] = set()
-        self.rows = {s: (directory / f".rows-{s}.tsv").open("w", newline="") for s in SPLITS}
+        self.rows = {s: (directory / f".rows-{s}.csv").open("w", newline="") for s in SPLITS}
         self.images = 0
 
     def add(self, image: PreparedImage) -> None:
@@ -422,7 +422,7 @@ class _ShardWriter:
         acc[0] += pix.sum(axis=(0, 2, 3))
         acc[1] += (pix**2).sum(axis=(0, 2, 3))
         acc[2] += pix[:, 0].size
-        writer = csv.writer(self.rows[split], delimiter="\t", lineterminator="\n")
+        writer = csv.writer(self.rows[split], quoting=csv.QUOTE_ALL)   # any key survives the round trip
         for i, p in enumerate(chunk):
             writer.writerow((p.sha256, p.key, "" if p.label is None else "L" + p.label, shard_no, i))
         self.buffers[split], self.shards[split] = [], shard_no + 1
@@ -443,9 +443,9 @@ class _ShardWriter:
             out = csv.writer(f, lineterminator="\n")
             out.writerow(MANIFEST_COLUMNS)
             for split in SPLITS:
-                path = self.dir / f".rows-{split}.tsv"
+                path = self.dir / f".rows-{split}.csv"
                 with path.open(newline="") as rows:
-                    for sha, key, label, shard_no, i in csv.reader(rows, delimiter="\t"):
+                    for sha, key, label, shard_no, i in csv.reader(rows):
                         out.writerow((sha[:16], key, sha, index_of[label[1:]] if label else -1,
                                       r, r, c, split, int(shard_no), int(i)))
                 path.unlink()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -62,7 +63,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     for key, (half, tf32) in DATASHEET_PEAK.items():
-        if key in name:
+        if re.search(rf"\b{key}\b", name):              # "L4" is not "L40S"
             return half if precision in ("bf16", "fp16") else tf32
     return None
 

@@ -95,6 +95,10 @@ def restore_training_checkpoint(state: TrainState, cfg: Config, path: Path,
     state.model.load_state_dict(ckpt["model"])
     state.ema.load_state_dict(ckpt["ema"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
+    for group in state.optimizer.param_groups:   # the device's implementation, not the saved one's
+        group["fused"] = True if device.type == "cuda" else None
+        if device.type == "cuda":
+            group["foreach"] = None
     if ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
     state.step = int(ckpt["step"])

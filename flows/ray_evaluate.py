@@ -79,11 +79,11 @@ def remote_evaluate(cfg: Config, *, use_gpu: bool = True, dataset: str | None = 
     """Run the evaluate stage as one Ray task holding a GPU (``use_gpu``; without, a CPU: the
     same path, as the tests run it) and write its results where the local stage would. Returns
     (metrics, setup: the sampling choices and the device they ran on)."""
-    from flows.ray_train import _git_commit, code_version, data_source, init_ray
+    from flows.ray_train import WORKER_SETUP_ERRORS, _git_commit, code_version, data_source, init_ray
     init_ray()
     out = Path(cfg.train.out_dir) / "checkpoint.pt"
     task = ray.remote(_evaluate_on_worker).options(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                                                   max_retries=0)
+                                                   max_retries=0, max_calls=1)   # frees the GPU after
     cfg_dict = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(Path(cfg.data.prepared_dir).absolute()))
     ).to_dict()
@@ -92,7 +92,7 @@ def remote_evaluate(cfg: Config, *, use_gpu: bool = True, dataset: str | None = 
                                      data_source(cfg, dataset), out.read_bytes(),
                                      Path(cfg.extractor.path).read_bytes(), use_gpu))
     except ray.exceptions.RayTaskError as exc:     # the task's own error, as the task said it
-        if isinstance(exc.cause, (ConfigError, CheckpointError)):
+        if isinstance(exc.cause, (ConfigError, CheckpointError, *WORKER_SETUP_ERRORS)):
             raise exc.cause from None
         raise
     ev = cfg.evaluate

@@ -15,7 +15,9 @@ actor unpickles the scaling policy below from here.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 # Read by Ray Train when fit() starts (in the driver, and propagated to the controller actor).
 LOCAL_ENV = {
@@ -43,10 +45,21 @@ except ImportError:                                 # pragma: no cover - another
     _INTERNALS = False
 
 
+@contextlib.contextmanager
+def local_settings() -> Iterator[None]:
+    """:data:`LOCAL_ENV` for one ``fit()`` (a value the user set wins), then as it was: a later
+    fit on a ``RAY_ADDRESS`` cluster from the same process gets Ray's defaults."""
+    added = {k: v for k, v in LOCAL_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def local_trainer_class(base: type) -> type:
     """A subclass of the trainer class ``base`` for the local cluster (see the module's text)."""
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
     if not _INTERNALS or not hasattr(base, "_initialize_and_run_controller"):
         return base
 

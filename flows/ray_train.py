@@ -24,6 +24,7 @@ pools) get everything by version, never by the driver's paths:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -98,8 +99,9 @@ def resolve_scaling(cfg: Config, resources: dict[str, float], *, cluster: str) -
                                  if r.num_workers != "auto" else f"a worker needs {per:g}")
                               + "; run on a cluster with GPUs (RAY_ADDRESS), or set ray.use_gpu=auto "
                                 "to train on CPUs")
-    if r.use_gpu == "auto":
-        use_gpu = device != "cpu" and per > 0 and gpus >= per
+    if r.use_gpu == "auto":                     # every worker asked for must fit, else CPUs
+        use_gpu = device != "cpu" and per > 0 and gpus >= per * (
+            r.num_workers if r.num_workers != "auto" else 1)
         why = (f"{gpus:g} GPUs in {cluster}" if use_gpu else
                "train.device = 'cpu'" if device == "cpu" else f"no GPUs in {cluster}")
     else:
@@ -150,7 +152,7 @@ def _gpu_preflight(cfg: Config, timeout_s: float = 300.0) -> list[dict]:
     CPU build of torch): one short task per worker, each holding a worker's GPUs and custom
     resources, reports what torch sees there. Returns the reports; raises :class:`GpuUnavailable`."""
     r = cfg.ray
-    probe = ray.remote(gpu_report).options(num_cpus=0, num_gpus=r.gpus_per_worker,
+    probe = ray.remote(gpu_report).options(num_cpus=0, num_gpus=r.gpus_per_worker, max_calls=1,
                                            resources=_worker_resources(cfg) or None)
     refs = [probe.remote() for _ in range(r.num_workers)]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -158,8 +160,10 @@ def _gpu_preflight(cfg: Config, timeout_s: float = 300.0) -> list[dict]:
         for ref in refs:
             ray.cancel(ref, force=True)
         raise GpuUnavailable(f"ray.use_gpu: {len(refs) - len(ready)} of {len(refs)} GPU workers "
-                             f"could not be placed within {timeout_s:.0f} s; the cluster has "
-                             f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
+                             f"could not be placed within {timeout_s:.0f} s; {cluster_name()} has "
+                             f"{ray.cluster_resources().get('GPU', 0):g} GPUs, "
+                             f"{ray.available_resources().get('GPU', 0):g} of them free (other jobs "
+                             "hold the rest, or their nodes are not up yet)")
     reports = ray.get(refs)
     for report in reports:
         problem = gpu_problem(report)
@@ -293,8 +297,9 @@ def init_ray(address: str | None = None) -> None:
 
 
 def cluster_name() -> str:
-    address = os.environ.get("RAY_ADDRESS")
-    return f"the Ray cluster at {address}" if address else "this machine's local Ray cluster"
+    """How errors and the run's tags name the cluster (never RAY_ADDRESS itself: it may carry
+    credentials)."""
+    return "the RAY_ADDRESS cluster" if os.environ.get("RAY_ADDRESS") else "this machine's local Ray cluster"
 
 
 def _check_local_resources(cfg: Config) -> None:
@@ -429,10 +434,10 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
         console().warning(f"dataset version {source['version']} is not on the DVC remote "
                           f"{source['remote']['url']}: workers on nodes without "
                           f"{Path(cfg.data.prepared_dir).absolute()} cannot train; run dvc push")
-    trainer_class = TorchTrainer
+    trainer_class, settings = TorchTrainer, contextlib.nullcontext()
     if not os.environ.get("RAY_ADDRESS"):             # this process's own cluster: a lighter start
-        from flows.ray_local import local_trainer_class
-        trainer_class = local_trainer_class(TorchTrainer)
+        from flows.ray_local import local_settings, local_trainer_class
+        trainer_class, settings = local_trainer_class(TorchTrainer), local_settings()
     trainer = trainer_class(
         train_loop_per_worker,
         train_loop_config={"cfg": _absolute(cfg).to_dict(), "code": code,
@@ -445,7 +450,8 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
                              failure_config=FailureConfig(max_failures=r.max_failures)),
     )
     try:
-        result = trainer.fit()
+        with settings:
+            result = trainer.fit()
     except WorkerGroupError as exc:          # a worker's refusal to start, as the worker said it
         for _, failure in sorted(exc.worker_failures.items()):
             cause = failure if isinstance(failure, WORKER_SETUP_ERRORS) else getattr(failure, "cause", None)

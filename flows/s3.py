@@ -124,9 +124,13 @@ def _s3_records(uri: str, workers: int, client, page_size: int) -> Iterator[Reco
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = collections.deque(pool.submit(fetch, k) for k in keys[:window])
         ahead = iter(keys[window:])
-        while pending:
-            record = pending.popleft().result()
-            nxt = next(ahead, None)
-            if nxt is not None:
-                pending.append(pool.submit(fetch, nxt))
-            yield record
+        try:
+            while pending:
+                record = pending.popleft().result()
+                nxt = next(ahead, None)
+                if nxt is not None:
+                    pending.append(pool.submit(fetch, nxt))
+                yield record
+        finally:                          # stopped early (an error, Ctrl-C): drop what has not started
+            for future in pending:
+                future.cancel()

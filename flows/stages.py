@@ -67,18 +67,19 @@ def validate_stage(cfg: Config) -> ValidationReport:
 
 
 def extractor_stage(cfg: Config, progress: bool = True) -> dict:
-    """Train the domain classifier on the training split (a no-op for the Inception extractor)."""
+    """Train the domain classifier on the training split (a no-op for the Inception extractor).
+    On the CPU on every machine: its weights file is the FID yardstick, and cuDNN's pooling
+    backward is not deterministic, so a GPU would give another file (sha256) on every run. It
+    is small (about half a minute on 2 cores); evaluation computes its features on the GPU."""
     from diffusion.data import load_prepared
     from diffusion.features import load_inception, save_classifier, train_classifier
-    from diffusion.trainer import select_device
     x = cfg.extractor
     if x.kind == "inception":
         return {"extractor": "inception", "sha256": load_inception(x.path).sha256}
     train_set = load_prepared(cfg.data.prepared_dir, "train")
     heldout = load_prepared(cfg.data.prepared_dir, "heldout")
     model, acc = train_classifier(train_set, heldout, epochs=x.epochs, batch_size=x.batch_size,
-                                  lr=x.lr, seed=x.seed, progress=progress,
-                                  device=select_device(cfg.train.device))
+                                  lr=x.lr, seed=x.seed, progress=progress)
     if acc < x.min_accuracy:
         raise DataError(f"extractor.min_accuracy = {x.min_accuracy}: the domain classifier reached "
                         f"only {acc:.4f} held-out accuracy; raise extractor.epochs")

@@ -27,7 +27,7 @@ def test_first_run_on_an_empty_home_with_a_readable_console(tmp_path):
                 "XDG_CACHE_HOME", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
         env.pop(key, None)
     done = subprocess.run([sys.executable, "-m", "flows.pipeline", "train.steps=30", "train.log_every=5",
-                           "train.checkpoint_every=30", "ray.num_workers=2"],
+                           "train.checkpoint_every=30"],          # ray.*: the auto defaults
                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
     shown = done.stdout + done.stderr
     assert done.returncode == 0, shown

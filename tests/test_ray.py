@@ -34,15 +34,18 @@ def test_two_workers_match_one_process_with_double_batch(tmp_path):
     # compared by checksum and the run fails if any rank differs. The 2 workers are the defaults
     # (ray.use_gpu and ray.num_workers auto) on this machine's cluster, which has no GPU.
     # (Re-running the same run name continues it: tests/test_cluster_data.py, resumed from S3.)
+    # On a GPU machine auto would pick one GPU worker: there the CPU workers are asked for.
     events = []
-    cfg = load_config(None, BASE + ["train.steps=4", "train.batch_size=8",
-                                    f"ray.storage_path={tmp_path / 'ray'}", "ray.run_name=r1",
-                                    f"train.out_dir={tmp_path / 'out'}"])
+    cpu = ["ray.use_gpu=false", "ray.num_workers=2"] if torch.cuda.is_available() else []
+    cfg = load_config(None, BASE + cpu + ["train.steps=4", "train.batch_size=8",
+                                          f"ray.storage_path={tmp_path / 'ray'}", "ray.run_name=r1",
+                                          f"train.out_dir={tmp_path / 'out'}"])
     result = ray_train(cfg, on_event=events.append)
     assert result.step == 4 and result.checkpoint.exists()
     assert [e for e in events if e["kind"] == "scaling"] == [{
         "kind": "scaling", "workers": 2, "use_gpu": False,
-        "reason": "2 CPU workers (the CPU default; no GPUs in this machine's local Ray cluster)"}]
+        "reason": "2 CPU workers (as configured; ray.use_gpu = false)" if cpu else
+        "2 CPU workers (the CPU default; no GPUs in this machine's local Ray cluster)"}]
     assert result.hardware["ray_use_gpu"] is False and result.hardware["world_size"] == 2
     assert result.hardware["device"] == "cpu" and result.hardware["dist_backend"] == "gloo"
     single_cfg = load_config(None, BASE + ["train.steps=4", "train.batch_size=16",
@@ -55,6 +58,7 @@ def test_two_workers_match_one_process_with_double_batch(tmp_path):
     assert losses == pytest.approx([h["loss"] for h in single.history], rel=1e-4)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
 def test_use_gpu_true_without_gpus_fails_before_ray_train_waits(tmp_path):
     # the real local cluster (this machine: no GPU) is asked for GPU workers: an error naming what
     # is missing, at once, and no Ray Train run was started (no run directory)
@@ -164,7 +168,8 @@ def test_a_gpu_that_torch_cannot_see_is_named_not_a_stack_trace(tmp_path):
                                         f"train.out_dir={tmp_path / 'out'}"])
         with pytest.raises(GpuUnavailable, match=r"^Ray gave this worker a GPU \(node .*, GPU ids 0, "
                                                  r"CUDA_VISIBLE_DEVICES=0\) but torch sees no CUDA device: "
-                                                 r"torch .* is a build without CUDA"):
+                                                 r"torch \S+ (is a build without CUDA|\(CUDA .*\) finds no "
+                                                 r"usable device)"):
             ray_train(cfg)
         assert not (tmp_path / "ray").exists()            # before Ray Train started
     finally:

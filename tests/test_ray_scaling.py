@@ -28,6 +28,7 @@ def test_defaults_are_auto():
     ({"CPU": 64.0, "GPU": 8.0}, ["ray.gpus_per_worker=2"], 4, True),
     ({"CPU": 64.0, "GPU": 1.0}, ["ray.gpus_per_worker=2"], 2, False),  # not one worker's worth
     ({"CPU": 64.0, "GPU": 8.0}, ["ray.num_workers=3"], 3, True),
+    ({"CPU": 16.0, "GPU": 1.0}, ["ray.num_workers=2"], 2, False),   # auto: not every worker fits
     ({"CPU": 64.0, "GPU": 8.0}, ["ray.use_gpu=false"], 2, False),
     ({"CPU": 64.0, "GPU": 8.0}, ["train.device=cpu"], 2, False),
     ({"CPU": 64.0, "GPU": 4.0}, ["ray.use_gpu=true"], 4, True),

@@ -73,12 +73,14 @@ def records(n, bad_every=0, labels=("a", "b", "10", "2", "c d")):
     rng = np.random.default_rng(n)
     out = []
     for i in range(n):
-        key = f"{labels[i % len(labels)]}/img\t{i:05d},\"q\".png" if i % 7 == 0 else \
+        odd = ("\t", ",\"q\"", "\r", "\n", "\r\n")[i % 5]         # keys a CSV file must quote
+        key = f"{labels[i % len(labels)]}/img{odd}{i:05d}.png" if i % 7 == 0 else \
             f"{labels[i % len(labels)]}/img{i:05d}.png"
+        label = None if i % 11 == 0 else labels[i % len(labels)]       # unlabelled images too
         if bad_every and i % bad_every == bad_every - 1:
-            out.append(Record(key, b"not an image", labels[i % len(labels)]))
+            out.append(Record(key, b"not an image", label))
         else:
-            out.append(Record(key, rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), labels[i % len(labels)]))
+            out.append(Record(key, rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), label))
     return sorted(out, key=lambda r: r.key)
 
 

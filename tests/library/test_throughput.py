@@ -68,7 +68,8 @@ def test_prefetcher_returns_what_read_returns_and_reads_ahead_on_one_thread():
 
 
 def test_inductor_cache_is_persistent_unless_set(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "recorded")   # so that teardown restores the original
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
     assert use_persistent_inductor_cache() == str(tmp_path / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
