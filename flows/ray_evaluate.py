@@ -82,8 +82,8 @@ def remote_evaluate(cfg: Config, *, use_gpu: bool = True, dataset: str | None = 
     from flows.ray_train import WORKER_SETUP_ERRORS, _git_commit, code_version, data_source, init_ray
     init_ray()
     out = Path(cfg.train.out_dir) / "checkpoint.pt"
-    task = ray.remote(_evaluate_on_worker).options(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                                                   max_retries=0, max_calls=1)   # frees the GPU after
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0,
+                      max_calls=1)(_evaluate_on_worker)            # the process exits: the GPU is freed
     cfg_dict = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(Path(cfg.data.prepared_dir).absolute()))
     ).to_dict()

@@ -152,8 +152,10 @@ def _gpu_preflight(cfg: Config, timeout_s: float = 300.0) -> list[dict]:
     CPU build of torch): one short task per worker, each holding a worker's GPUs and custom
     resources, reports what torch sees there. Returns the reports; raises :class:`GpuUnavailable`."""
     r = cfg.ray
-    probe = ray.remote(gpu_report).options(num_cpus=0, num_gpus=r.gpus_per_worker, max_calls=1,
-                                           resources=_worker_resources(cfg) or None)
+    # max_calls=1: the process exits after the probe and frees the GPU (an option of the
+    # decorator only; .options() refuses it)
+    probe = ray.remote(num_cpus=0, num_gpus=r.gpus_per_worker, max_calls=1,
+                       **({"resources": _worker_resources(cfg)} if _worker_resources(cfg) else {}))(gpu_report)
     refs = [probe.remote() for _ in range(r.num_workers)]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if len(ready) < len(refs):
