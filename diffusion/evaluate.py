@@ -81,19 +81,12 @@ def reference_key(dataset: str, extractor_sha256: str, resolution: int, split: s
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _extractor_device(extractor: FeatureExtractor) -> str:
-    module = getattr(extractor, "model", None) or getattr(extractor, "module", None)
-    try:
-        return next(module.parameters()).device.type
-    except (AttributeError, StopIteration, TypeError):
-        return "cpu"
-
-
 def reference_stats(cache_dir: str | Path, images: ImageSet, extractor: FeatureExtractor, *,
                     dataset: str, split: str) -> tuple[Reference, bool]:
     """Statistics of real images, from the cache when the key matches; returns (stats, cache_hit)."""
     n, resolution = images.images.shape[0], images.images.shape[-1]
-    key = reference_key(dataset, extractor.sha256, resolution, split, n, _extractor_device(extractor))
+    key = reference_key(dataset, extractor.sha256, resolution, split, n,
+                        torch.device(getattr(extractor, "device", "cpu")).type)
     path = Path(cache_dir) / f"{split}-{key[:24]}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:

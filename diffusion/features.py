@@ -38,6 +38,8 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (B, C, H, W) -> float features (B, dim)."""
 
+    device: str                    # where it computes, e.g. "cpu" or "cuda:0"
+
     def to(self, device: str | torch.device) -> "FeatureExtractor":
         """Compute on ``device`` from now on; returns the extractor."""
 
@@ -163,6 +165,10 @@ class DomainExtractor:
     sha256: str
     name: str = "domain"
     dim: int = 128
+
+    @property
+    def device(self) -> str:
+        return str(_device_of(self.model))
 
     def to(self, device: str | torch.device) -> "DomainExtractor":
         """Compute on ``device`` from now on (moves the network; features still come back as

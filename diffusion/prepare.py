@@ -399,13 +399,15 @@ class _ShardWriter:
         self.sums: dict[str, list] = {}
         self.labels: set[str] = set()
         self.rows = {s: (directory / f".rows-{s}.csv").open("w", newline="") for s in SPLITS}
-        self.images = 0
+
+    @property
+    def images(self) -> int:
+        return sum(self.counts.values())
 
     def add(self, image: PreparedImage) -> None:
         split = split_of(image.sha256, self.heldout_fraction)
         self.buffers[split].append(image)
         self.counts[split] += 1
-        self.images += 1
         if image.label is not None:
             self.labels.add(image.label)
         if len(self.buffers[split]) == self.per_shard:

@@ -44,13 +44,11 @@ def _evaluate_on_worker(cfg_dict: dict, code: dict, data: dict, checkpoint: byte
                         extractor_file: bytes, use_gpu: bool) -> dict:
     from diffusion.evaluate import evaluate
     from diffusion.hardware import device_description
-    from flows.ray_train import GpuUnavailable, _check_code, gpu_problem, gpu_report
+    from flows.ray_train import _check_code, check_gpu
     from flows.stages import load_extractor
     _check_code(code)
     if use_gpu:
-        problem = gpu_problem(gpu_report())
-        if problem:
-            raise GpuUnavailable(problem)
+        check_gpu()
     cfg = config_from_dict(cfg_dict, "evaluate task config")
     got = obtain(data["version"], cfg.data.prepared_dir,
                  Remote(**data["remote"]) if data.get("remote") else None)

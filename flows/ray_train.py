@@ -82,6 +82,7 @@ def resolve_scaling(cfg: Config, resources: dict[str, float], *, cluster: str) -
     Ray Train waits for resources that will not come."""
     r, device = cfg.ray, cfg.train.device
     gpus, per = float(resources.get("GPU", 0.0)), r.gpus_per_worker
+    wanted = per * (r.num_workers if r.num_workers != "auto" else 1)   # GPUs the asked-for workers need
     if r.use_gpu is True and device == "cpu":
         raise ConfigError("ray.use_gpu = true with train.device = 'cpu': the workers would hold GPUs "
                           "and not use them; set train.device to auto or cuda, or ray.use_gpu to auto")
@@ -92,7 +93,6 @@ def resolve_scaling(cfg: Config, resources: dict[str, float], *, cluster: str) -
         if r.use_gpu is False:
             raise ConfigError("train.device = 'cuda' with ray.use_gpu = false: Ray workers that "
                               "request no GPU see none; set ray.use_gpu to auto or true")
-        wanted = per * (r.num_workers if r.num_workers != "auto" else 1)
         if gpus < wanted:
             raise ConfigError(f"{key}: {cluster} has {gpus:g} GPUs and "
                               + (f"ray.num_workers x ray.gpus_per_worker = {wanted:g} are needed"
@@ -100,8 +100,7 @@ def resolve_scaling(cfg: Config, resources: dict[str, float], *, cluster: str) -
                               + "; run on a cluster with GPUs (RAY_ADDRESS), or set ray.use_gpu=auto "
                                 "to train on CPUs")
     if r.use_gpu == "auto":                     # every worker asked for must fit, else CPUs
-        use_gpu = device != "cpu" and per > 0 and gpus >= per * (
-            r.num_workers if r.num_workers != "auto" else 1)
+        use_gpu = device != "cpu" and per > 0 and gpus >= wanted
         why = (f"{gpus:g} GPUs in {cluster}" if use_gpu else
                "train.device = 'cpu'" if device == "cpu" else f"no GPUs in {cluster}")
     else:
@@ -134,6 +133,14 @@ def gpu_report() -> dict:
             "torch": torch.__version__, "torch_cuda": torch.version.cuda or "none"}
 
 
+def check_gpu() -> None:
+    """In a Ray worker or task that holds a GPU: raise :class:`GpuUnavailable` with the sentence
+    of :func:`gpu_problem` when torch there sees no CUDA device."""
+    problem = gpu_problem(gpu_report())
+    if problem:
+        raise GpuUnavailable(problem)
+
+
 def gpu_problem(report: dict) -> str | None:
     """The sentence for a worker that Ray gave a GPU but where torch sees no CUDA device."""
     if not report["ray_gpu_ids"] or report["cuda"]:
@@ -154,8 +161,9 @@ def _gpu_preflight(cfg: Config, timeout_s: float = 300.0) -> list[dict]:
     r = cfg.ray
     # max_calls=1: the process exits after the probe and frees the GPU (an option of the
     # decorator only; .options() refuses it)
+    custom = _worker_resources(cfg)
     probe = ray.remote(num_cpus=0, num_gpus=r.gpus_per_worker, max_calls=1,
-                       **({"resources": _worker_resources(cfg)} if _worker_resources(cfg) else {}))(gpu_report)
+                       **({"resources": custom} if custom else {}))(gpu_report)
     refs = [probe.remote() for _ in range(r.num_workers)]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if len(ready) < len(refs):
@@ -228,9 +236,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # before any device work: the same code as the driver, a GPU torch can use, the data by version
     _check_code(config["code"])
-    problem = gpu_problem(gpu_report()) if cfg.ray.use_gpu else None
-    if problem:
-        raise GpuUnavailable(problem)
+    if cfg.ray.use_gpu:
+        check_gpu()
     data = config["data"]
     got = obtain(data["version"], cfg.data.prepared_dir,
                  Remote(**data["remote"]) if data.get("remote") else None)
