@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -85,3 +86,15 @@ def _refused(exc: pickle.UnpicklingError) -> str:
 def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> Config:
     """The configuration a checkpoint was trained with."""
     return config_from_dict(json.loads(ckpt["config"]), f"{path} (stored config)")
+
+
+def weights_sha256(ckpt: dict[str, Any]) -> str:
+    """sha256 of the weights a checkpoint samples with (the EMA network): each tensor's name,
+    dtype, shape and bytes in name order. Two checkpoints with one digest generate the same
+    images, whatever else (step, optimizer state, file layout) differs."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(ckpt["ema"]["model"].items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

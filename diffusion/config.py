@@ -168,7 +168,8 @@ class TrackingConfig:
     local_dir: str = "mlflow"                    # embedded store: mlflow.db + artifacts/
     experiment: str = "ddpm"
     model_name: str = "ddpm"                     # registered model
-    champion_margin: float = _bound(0.0, ge=0.0)  # FID points a challenger must win by, beyond the spread
+    champion_margin: float = _bound(0.0, ge=0.0)  # FID points a challenger must win by (at gate_confidence)
+    gate_confidence: float = _bound(0.95, ge=0.5, lt=1.0)  # one-sided confidence of a promotion
     flush_every: int = _bound(50, ge=1)          # buffered metric values per MLflow batch call
     grid_images: int = _bound(16, ge=0)          # sample grid logged at each checkpoint (0: none)
     grid_steps: int = _bound(20, ge=1)           # DDIM steps for those grids

@@ -103,6 +103,54 @@ def reference_stats(cache_dir: str | Path, images: ImageSet, extractor: FeatureE
     return ref, False
 
 
+YARDSTICK_PARTS = ("extractor_sha256", "reference", "dataset_version", "sampler", "steps", "spacing",
+                   "eta", "guidance_scale", "clip_denoised", "samples_per_seed", "seeds", "seed",
+                   "precision")
+
+
+def yardstick(parts: dict) -> str:
+    """The digest of what makes two FIDs comparable: the extractor, the reference statistics (a
+    key of the dataset version, extractor, resolution, split and size), the sampler and its
+    settings, the seeds and sample count, and the sampling precision. Two evaluations under one
+    yardstick sampled image i from the same noise and label. Raises ``KeyError`` naming a
+    missing part."""
+    missing = [k for k in YARDSTICK_PARTS if k not in parts]
+    if missing:
+        raise KeyError(f"yardstick part(s) missing: {', '.join(missing)}")
+    blob = json.dumps({k: parts[k] for k in YARDSTICK_PARTS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def features_path(metrics_path: str | Path) -> Path:
+    """Where :func:`evaluate` keeps the generated samples' features and the reference statistics
+    (beside the metrics JSON: ``metrics/eval.json`` -> ``metrics/eval.features.npz``)."""
+    p = Path(metrics_path)
+    return p.with_name(p.stem + ".features.npz")
+
+
+def save_features(path: str | Path, features: np.ndarray, ref: Reference, stick: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, features=features.astype(np.float32), mu=ref.mu, sigma=ref.sigma,
+                 yardstick=np.array(stick))
+    os.replace(tmp, path)
+
+
+def load_features(path: str | Path) -> dict[str, np.ndarray | str]:
+    """The arrays :func:`save_features` wrote (no pickles); a clear error for another file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in ("features", "mu", "sigma", "yardstick")}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not an evaluation features file ({exc})") from None
+    if out["features"].ndim != 3:
+        raise ValueError(f"{path}: features must be (seeds, samples, d), got {out['features'].shape}")
+    out["yardstick"] = str(out["yardstick"])
+    return out
+
+
 def fid_against(features: np.ndarray, ref: Reference, kid_subset: int,
                 stats: FeatureStats | None = None) -> dict[str, float | list]:
     """FID of ``features`` (or of ``stats`` when given, ``features`` then being the KID subset)
@@ -150,7 +198,7 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
     heldout_stats, heldout_kept = summarize(extractor, load_prepared(prepared, "heldout").images)
     floor = fid_against(heldout_kept, train_ref, min(ev.kid_subset_size, len(heldout_kept)),
                         stats=heldout_stats)
-    per_seed, probabilities, requested, sampling_seconds = [], [], [], 0.0
+    per_seed, features, probabilities, requested, sampling_seconds = [], [], [], [], 0.0
     for k in range(ev.fid_seeds):
         n = ev.fid_samples
         classes = trained_cfg.model.num_classes
@@ -167,15 +215,28 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
         if k == 0:
             save_grid(images[:min(n, 100)], ev.grid_path)
         pixels = to_uint8(images)
-        per_seed.append(fid_against(extract(extractor, pixels), train_ref, min(ev.kid_subset_size, n)))
+        features.append(extract(extractor, pixels))
+        per_seed.append(fid_against(features[-1], train_ref, min(ev.kid_subset_size, n)))
         if hasattr(extractor, "probabilities"):      # the domain classifier: recognisability
             probabilities.append(extractor.probabilities(pixels))
             requested.append(labels.numpy() if labels is not None else np.full(n, -1))
     fids = [r["fid"] for r in per_seed]
     kids = [r["kid"] for r in per_seed]
+    parts = {"extractor_sha256": extractor.sha256, "dataset_version": version,
+             # the reference set's identity, whichever device computed its statistics
+             "reference": reference_key(version, extractor.sha256, trained_cfg.data.resolution, "train",
+                                        train_ref.n),
+             "sampler": ev.sampler, "steps": ev.steps, "spacing": ev.spacing, "eta": ev.eta,
+             "guidance_scale": ev.guidance_scale, "clip_denoised": ev.clip_denoised,
+             "samples_per_seed": ev.fid_samples, "seeds": ev.fid_seeds, "seed": ev.seed,
+             "precision": choice.precision}
+    stick = yardstick(parts)
+    save_features(features_path(ev.metrics_path), np.stack(features), train_ref, stick)
+    spread = float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0
     metrics = {
-        "fid": float(np.mean(fids)), "fid_std": float(np.std(fids)), "fid_per_seed": fids,
-        "kid": float(np.mean(kids)), "kid_std": float(np.std(kids)),
+        "fid": float(np.mean(fids)), "fid_std": spread, "fid_per_seed": fids,
+        "kid": float(np.mean(kids)), "kid_std": float(np.std(kids, ddof=1)) if len(kids) > 1 else 0.0,
+        "yardstick": stick, "yardstick_parts": parts,
         "floor_fid": floor["fid"], "floor_kid": floor["kid"],
         "fid_over_floor": float(np.mean(fids) / max(floor["fid"], 1e-12)),
         "samples_per_seed": ev.fid_samples, "seeds": ev.fid_seeds, "sampler": ev.sampler,

@@ -221,13 +221,29 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
         **_refresh(force, out_dir / "checkpoint.pt", out_dir / "run.json")), c, version, run_id,
         detail=lambda r: f"{r['step']} steps, ended by {r.get('stopped_by', 'steps')}")
     train_seconds = time.perf_counter() - t0
+    if trained.get("resumed_from") == trained["step"]:      # nothing new: maybe nothing to do
+        held = stages.already_registered(cfg)
+        if held is not None:
+            aliases = ", ".join(held["aliases"]) or "no alias"
+            console().line(f"[train] trained nothing new: step {trained['step']} was reached before and "
+                           f"its weights are {cfg.tracking.model_name} version {held['version']} "
+                           f"({aliases}); evaluation and registration skipped")
+            return {"dataset_version": version, "dvc": dvc_state, "train_step": trained["step"],
+                    "train_seconds": round(train_seconds, 1), "stopped_by": trained.get("stopped_by", "steps"),
+                    "fid": held["fid"], "fid_std": held["fid_std"], "model": cfg.tracking.model_name,
+                    "version": held["version"], "alias": ",".join(held["aliases"]) or "none",
+                    "duplicate_of": held["version"],
+                    "reason": f"these weights are already registered as version {held['version']}",
+                    "mlflow_run_id": held["run_id"], "tracking_uri": trained["tracking_uri"],
+                    "experiment_id": None, "seconds": round(time.perf_counter() - started, 1)}
     metrics = _run("evaluate", evaluate_task.with_options(**_refresh(force, cfg.evaluate.metrics_path)),
                    c, version, trained["mlflow_run_id"], detail=lambda m: (
                        f"FID {m['fid']:.2f} ± {m['fid_std']:.2f} (floor {m['floor_fid']:.2f})"
                        + (f", {m['confident_share']:.1%} recognised" if "confident_share" in m else "")))
     reg = _run("register", register_task.with_options(**_refresh(force, stages.registry_path(cfg))),
                c, version, trained["mlflow_run_id"], run_id,
-               detail=lambda r: f"{r['name']} version {r['version']} -> {r['alias']}")
+               detail=lambda r: f"already registered as {r['name']} version {r['duplicate_of']}"
+               if r.get("duplicate_of") else f"{r['name']} version {r['version']} -> {r['alias']}")
 
     mlflow_ui, prefect_ui = _ui_links(reg)
     per_seed = metrics.get("fid_per_seed", [])
@@ -239,6 +255,7 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
            if k in metrics},
         "model": reg["name"], "version": reg["version"],
         "alias": reg["alias"], "reason": reg["reason"], "mlflow_run_id": reg["run_id"],
+        "duplicate_of": reg.get("duplicate_of"),
         "tracking_uri": reg["tracking_uri"], "experiment_id": reg.get("experiment_id"),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -263,6 +280,25 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
     logger.info("FID %.3f ± %.3f -> %s v%s is %s (%s)", metrics["fid"], metrics["fid_std"],
                 reg["name"], reg["version"], reg["alias"], reg["reason"])
     return summary
+
+
+@flow(name="ddpm-rollback", log_prints=True)
+def ddpm_rollback(to: str, reason: str, params_file: str = "params.yaml",
+                  overrides: list[str] | None = None) -> dict:
+    """Move the registry's ``champion`` back to version ``to`` (``python -m flows.registry
+    rollback`` as a deployment), under the registry lock; who, why and when go on both versions."""
+    import getpass
+
+    from prefect.runtime import flow_run
+
+    from flows.registry import rollback
+    from flows.tracking import tracking_uri
+    cfg = load_config(params_file, overrides or [])
+    done = rollback(tracking_uri(cfg), cfg.tracking.model_name, to, reason,
+                    who=f"{getpass.getuser()} (Prefect flow run {flow_run.id})")
+    get_run_logger().info("champion of %s: version %s (was %s)", done["name"], done["champion"],
+                          done["previous_champion"])
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,11 +340,14 @@ def _main(args: argparse.Namespace) -> int:
     out.line(f"\n{FLOW_NAME} finished in {s['seconds']:.0f} s\n"
              f"  dataset version : {s['dataset_version']}\n"
              f"  training        : {s['train_step']} steps, ended by {s['stopped_by']}\n"
-             f"  FID             : {s['fid']:.3f} ± {s['fid_std']:.3f} (real-vs-real floor {s['floor_fid']:.3f})\n"
+             f"  FID             : {s['fid']:.3f} ± {s['fid_std']:.3f}"
+             + (f" (real-vs-real floor {s['floor_fid']:.3f})\n" if "floor_fid" in s else "\n")
              + (f"  recognised      : {s['confident_share']:.1%} of samples (classifier p >= 0.9), class "
                 f"entropy {s['class_entropy_ratio']:.3f} of max, label agreement "
-                f"{s.get('label_agreement', float('nan')):.1%}\n" if "confident_share" in s else "") +
-             f"  registered      : {s['model']} version {s['version']} -> alias '{s['alias']}'\n"
+                f"{s.get('label_agreement', float('nan')):.1%}\n" if "confident_share" in s else "")
+             + (f"  registered      : already, as {s['model']} version {s['duplicate_of']} "
+                f"(alias '{s['alias']}'); nothing new registered\n" if s.get("duplicate_of") else
+                f"  registered      : {s['model']} version {s['version']} -> alias '{s['alias']}'\n") +
              f"  decision        : {s['reason']}\n"
              f"  MLflow UI       : {mlflow_ui}\n"
              f"  Prefect UI      : {prefect_ui}")

@@ -42,7 +42,7 @@ def wanted(cfg: Config) -> bool:
 
 def _evaluate_on_worker(cfg_dict: dict, code: dict, data: dict, checkpoint: bytes,
                         extractor_file: bytes, use_gpu: bool) -> dict:
-    from diffusion.evaluate import evaluate
+    from diffusion.evaluate import evaluate, features_path
     from diffusion.hardware import device_description
     from flows.ray_train import _check_code, check_gpu
     from flows.stages import load_extractor
@@ -69,6 +69,7 @@ def _evaluate_on_worker(cfg_dict: dict, code: dict, data: dict, checkpoint: byte
         metrics = evaluate(work / "checkpoint.pt", local, load_extractor(local), progress=False,
                            device=device, on_setup=setup.update)
         return {"metrics": metrics, "grid": (work / "samples.png").read_bytes(),
+                "features": features_path(work / "eval.json").read_bytes(),
                 "setup": {**setup, "device_description": device_description(device),
                           "node": socket.gethostname()}}
 
@@ -93,9 +94,11 @@ def remote_evaluate(cfg: Config, *, use_gpu: bool = True, dataset: str | None = 
         if isinstance(exc.cause, (ConfigError, CheckpointError, *WORKER_SETUP_ERRORS)):
             raise exc.cause from None
         raise
+    from diffusion.evaluate import features_path
     ev = cfg.evaluate
     for path in (ev.metrics_path, ev.grid_path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(ev.grid_path).write_bytes(result["grid"])
+    features_path(ev.metrics_path).write_bytes(result["features"])
     Path(ev.metrics_path).write_text(json.dumps(result["metrics"], indent=2) + "\n")
     return result["metrics"], result["setup"]

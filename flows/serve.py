@@ -1,8 +1,9 @@
-"""Serve the ``ddpm-pipeline`` flow as a deployment (the long-running process that executes its
-runs): ``python -m flows.serve [--name local] [--cron "0 3 * * *"]`` with ``PREFECT_API_URL``
-pointing at a Prefect server. Then trigger runs from anywhere:
+"""Serve the ``ddpm-pipeline`` and ``ddpm-rollback`` flows as deployments (the long-running
+process that executes their runs): ``python -m flows.serve [--name local] [--cron "0 3 * * *"]``
+with ``PREFECT_API_URL`` pointing at a Prefect server. Then trigger runs from anywhere:
 
     prefect deployment run 'ddpm-pipeline/local' --param 'overrides=["train.steps=900"]' --watch
+    prefect deployment run 'ddpm-rollback/local' --param to=3 --param reason="v4 blurs 7s" --watch
 
 Run it from the project root: stages read ``params.yaml`` and write ``data/``, ``runs/``,
 ``metrics/`` and ``mlflow/`` relative to the working directory, as ``dvc repro`` does.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from flows.pipeline import ddpm_pipeline
+from prefect import serve
+
+from flows.pipeline import ddpm_pipeline, ddpm_rollback
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,8 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cron", default=None, help="optional schedule, e.g. '0 3 * * *'")
     parser.add_argument("--params", default="params.yaml", help="default params file of the runs")
     args = parser.parse_args(argv)
-    ddpm_pipeline.serve(name=args.name, cron=args.cron, parameters={"params_file": args.params},
-                        tags=["ddpm"], description="DVC data -> Ray training -> FID -> MLflow gate")
+    serve(ddpm_pipeline.to_deployment(name=args.name, cron=args.cron,
+                                      parameters={"params_file": args.params}, tags=["ddpm"],
+                                      description="DVC data -> Ray training -> FID -> MLflow gate"),
+          ddpm_rollback.to_deployment(name=args.name, parameters={"params_file": args.params},
+                                      tags=["ddpm"], description="move the champion alias back"))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
     from diffusion.data import load_dataset
     from diffusion.trainer import train
     from flows.console import TrainingProgress, console
-    from flows.tracking import TrainingTracker, client_for, log_hardware, start_training_run
+    from flows.tracking import TrainingTracker, client_for, log_hardware, run_name, start_training_run
     started = time.perf_counter()
     ray_name = "none"
     if cfg.ray.enabled:                       # ray is imported only when it trains
@@ -111,7 +111,7 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
         ray_name = ray_run_name(cfg)
     version = dataset_version(cfg.data.prepared_dir)
     uri, run_id = start_training_run(
-        cfg, run_name=ray_name if cfg.ray.enabled else Path(cfg.train.out_dir).name,
+        cfg, run_name=run_name(cfg, version),
         tags={"ray_run_name": ray_name, "dataset_version": version, **(tags or {})})
     client = client_for(uri)
     monitor = None
@@ -224,21 +224,29 @@ def registry_path(cfg: Config) -> Path:
 def register_stage(cfg: Config, flow_run_id: str | None = None) -> dict:
     """Log the evaluation and the pyfunc generator on the training run, register a new model
     version with its lineage and run the champion gate; writes ``registry.json`` beside the
-    evaluation metrics."""
+    evaluation metrics. Weights already registered are not registered again (the result then
+    names the version that holds them, ``duplicate_of``)."""
+    from diffusion.checkpoint import load_checkpoint, weights_sha256
+    from diffusion.evaluate import features_path
+    from diffusion.trainer import select_device
     from flows.registry import log_generator, register
-    from flows.tracking import git_commit, log_evaluation
+    from flows.tracking import client_for, git_commit, log_evaluation
     out = Path(cfg.train.out_dir)
     info = _read_json(out / RUN_INFO, "train")
     metrics = _read_json(Path(cfg.evaluate.metrics_path), "evaluate")
-    for key in ("fid", "fid_std", "checkpoint_step", "dataset_version", "extractor_sha256"):
+    for key in ("fid", "fid_std", "checkpoint_step", "dataset_version", "extractor_sha256",
+                "yardstick", "yardstick_parts"):
         if key not in metrics:
             raise StageError(f"{cfg.evaluate.metrics_path}: key {key!r} missing; re-run the evaluate stage")
     if int(metrics["checkpoint_step"]) != int(info["step"]):
         raise StageError(f"{cfg.evaluate.metrics_path}: evaluates step {metrics['checkpoint_step']} but "
                          f"{out / RUN_INFO} trained to step {info['step']}; re-run the evaluate stage")
+    features = features_path(cfg.evaluate.metrics_path)
+    if not features.is_file():
+        raise StageError(f"{features}: not found; re-run the evaluate stage")
     uri, run_id = info["tracking_uri"], info["mlflow_run_id"]
+    digest = weights_sha256(load_checkpoint(out / "checkpoint.pt"))
     log_evaluation(uri, run_id, metrics, cfg.evaluate.grid_path, cfg.evaluate.metrics_path)
-    model_uri = log_generator(uri, run_id, out / "checkpoint.pt")
     lineage = {
         "dataset_version": metrics["dataset_version"], "git_commit": git_commit(),
         "params_hash": cfg.hash(), "extractor_sha256": metrics["extractor_sha256"],
@@ -246,9 +254,9 @@ def register_stage(cfg: Config, flow_run_id: str | None = None) -> dict:
         "ray_run_name": info.get("ray_run_name", "none"), "mlflow_run_id": run_id,
         "checkpoint_step": str(info["step"]),
     }
-    reg = register(uri, cfg, model_uri=model_uri, run_id=run_id, fid=float(metrics["fid"]),
-                   fid_std=float(metrics["fid_std"]), lineage=lineage, evaluation=metrics)
-    from flows.tracking import client_for
+    reg = register(uri, cfg, model_uri=lambda: log_generator(uri, run_id, out / "checkpoint.pt"),
+                   run_id=run_id, evaluation=metrics, features_file=features, lineage=lineage,
+                   weights_sha256=digest, device=str(select_device(cfg.train.device)))
     result = {**reg.to_dict(), "fid": metrics["fid"], "fid_std": metrics["fid_std"],
               "tracking_uri": uri,
               "experiment_id": client_for(uri).get_run(run_id).info.experiment_id}
@@ -256,6 +264,24 @@ def register_stage(cfg: Config, flow_run_id: str | None = None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def already_registered(cfg: Config) -> dict | None:
+    """The version of ``tracking.model_name`` that holds ``train.out_dir``'s checkpoint weights,
+    or None (also when there is no checkpoint or no registry yet): a run that trained nothing
+    new says so before spending time on evaluation."""
+    from diffusion.checkpoint import CheckpointError, load_checkpoint, weights_sha256
+    from flows.registry import registered_version
+    from flows.tracking import client_for, tracking_uri
+    try:
+        digest = weights_sha256(load_checkpoint(Path(cfg.train.out_dir) / "checkpoint.pt"))
+    except CheckpointError:
+        return None
+    held = registered_version(client_for(tracking_uri(cfg)), cfg.tracking.model_name, digest)
+    if held is None:
+        return None
+    return {"version": str(held.version), "aliases": list(held.aliases), "run_id": held.run_id,
+            "fid": float(held.tags.get("fid", "nan")), "fid_std": float(held.tags.get("fid_std", "nan"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +320,8 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     modules the stage never imported cannot have been raised, so they are not imported here."""
     errors: list[type[Exception]] = [ConfigError, DataError, StageError]
     for module, name in (("diffusion.validate", "ValidationFailed"), ("diffusion.checkpoint", "CheckpointError"),
-                         ("diffusion.trainer", "NonFiniteLossError"), ("mlflow.exceptions", "MlflowException")):
+                         ("diffusion.trainer", "NonFiniteLossError"), ("mlflow.exceptions", "MlflowException"),
+                         ("flows.registry", "GateError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

@@ -159,6 +159,27 @@ def git_commit(cwd: str | Path = ".") -> str:
         return "unknown"
 
 
+# Bookkeeping, not what a model depends on: where things are written, how tracking is done. The
+# whole configuration is on each run as config/params.yaml; the params are what people vary.
+_NOT_PARAMS = ("tracking.", "data.prepared_dir", "data.validation_dir", "train.out_dir",
+               "ray.storage_path", "extractor.path", "evaluate.reference_cache",
+               "evaluate.metrics_path", "evaluate.grid_path")
+
+
+def run_params(cfg: Config) -> dict[str, str]:
+    """The run's params: the flattened configuration without bookkeeping keys (``_NOT_PARAMS``)."""
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith(_NOT_PARAMS)}
+
+
+def run_name(cfg: Config, dataset_version: str) -> str:
+    """What tells runs apart in the UI's table: preset, budget (or steps), the dataset version's
+    prefix and a short random id, e.g. ``small-5min-d3f1a2b-4c1e``."""
+    import uuid
+    t = cfg.train
+    budget = f"{t.budget_minutes:g}min" if t.budget_minutes else f"{t.steps}steps"
+    return f"{cfg.model.preset}-{budget}-d{dataset_version[:7]}-{uuid.uuid4().hex[:4]}"
+
+
 def start_training_run(cfg: Config, *, run_name: str, tags: dict[str, str] | None = None,
                        snapshot_files: tuple[str, ...] = ("params.yaml", "dvc.lock")) -> tuple[str, str]:
     """Create a run with the flattened config as params and a snapshot of ``params.yaml`` and
@@ -173,7 +194,7 @@ def start_training_run(cfg: Config, *, run_name: str, tags: dict[str, str] | Non
     run_id = run.info.run_id
     if tags.get("dataset_version"):
         log_datasets(client, run_id, cfg, tags["dataset_version"])
-    params = [Param(k, v) for k, v in sorted(flatten(cfg.to_dict()).items())]
+    params = [Param(k, v) for k, v in sorted(run_params(cfg).items())]
     for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[i:i + _MAX_PARAMS_PER_BATCH])
     for name in snapshot_files:
@@ -258,18 +279,14 @@ class TrainingTracker:
 
 def log_hardware(client: MlflowClient, run_id: str, stage: str, hardware: dict[str, Any]) -> None:
     """The resolved device and precision of a stage, so runs from different machines compare
-    honestly: ``resolved.<stage>.precision`` / ``.device`` as params for training (one training
-    per run), as tags for evaluation (a run may be evaluated again); the reasons as tags."""
+    honestly: ``resolved.<stage>.precision``, ``.device_description``, ... and the reasons, as
+    tags (hardware is what a run got, not what a person chose: the params stay the choices)."""
     values = {k: hardware[k] for k in ("precision", "precision_requested", "device_description",
                                         "threads", "world_size", "memory_format", "ray_use_gpu",
                                         "flops_per_image")
               if hardware.get(k) is not None}
-    if stage == "train":
-        client.log_batch(run_id, params=[Param(f"resolved.{stage}.{k}", str(v)[:_MAX_PARAM_LENGTH])
-                                         for k, v in sorted(values.items())])
-    else:
-        for k, v in sorted(values.items()):
-            client.set_tag(run_id, f"resolved.{stage}.{k}", str(v))
+    for k, v in sorted(values.items()):
+        client.set_tag(run_id, f"resolved.{stage}.{k}", str(v)[:_MAX_PARAM_LENGTH])
     for k in ("precision_reason", "precision_warning", "memory_format_reason", "ray_scaling"):
         if hardware.get(k):
             client.set_tag(run_id, f"resolved.{stage}.{k}", str(hardware[k]))

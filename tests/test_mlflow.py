@@ -3,10 +3,13 @@ store is an S3 bucket on moto's standalone server. The pipeline's own stages log
 registry gate, the pyfunc generator in a fresh process and `mlflow models serve` are checked
 against it."""
 
+import dataclasses
 import json
 import math
+import re
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -22,9 +25,12 @@ from mlflow import MlflowClient
 from diffusion.config import load_config
 from diffusion.data import to_uint8
 from diffusion.sampling import load_generator, sample
-from flows.registry import CHAMPION, CHALLENGER, decide, register
+from diffusion.checkpoint import load_checkpoint, weights_sha256
+from diffusion.evaluate import evaluate, features_path, yardstick
+from flows.registry import CHAMPION, CHALLENGER, register
 from flows.tracking import flatten
-from flows.stages import evaluate_stage, extractor_stage, register_stage, train_stage
+from flows.stages import (already_registered, evaluate_stage, extractor_stage, load_extractor,
+                          register_stage, train_stage)
 from tests.conftest import free_port
 from tests.helpers import digits_dir, wait_http
 
@@ -33,11 +39,20 @@ BUCKET = "mlflow-artifacts"
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """Stop a server started in its own session and every process it started (`mlflow server`
+    spawns job consumers that outlive it when only the server is signalled)."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)              # the group's stragglers
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +75,7 @@ def server(s3_endpoint, tmp_path_factory):
          "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", f"s3://{BUCKET}/artifacts"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", proc)
@@ -102,14 +117,22 @@ def test_run_logs_params_metrics_images_and_artifacts_to_s3(server, registered):
     run = client.get_run(registered["trained"]["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     cfg = registered["cfg"]
+    # the params are the choices people vary (no paths, no tracking settings); names tell runs apart
     assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["model.preset"] == "tiny"
-    config_params = {k: v for k, v in run.data.params.items() if not k.startswith("resolved.")}
-    assert run.data.params["train.steps"] == "12" and len(config_params) == len(flatten(cfg.to_dict()))
-    # what the device resolved ("auto"), so runs from different machines compare honestly
+    assert run.data.params == {k: v for k, v in flatten(cfg.to_dict()).items()
+                               if not k.startswith(("tracking.", "data.prepared_dir", "train.out_dir",
+                                                    "extractor.path", "evaluate.metrics_path",
+                                                    "evaluate.grid_path", "evaluate.reference_cache",
+                                                    "data.validation_dir", "ray.storage_path"))}
+    assert "train.out_dir" not in run.data.params and run.data.params["train.steps"] == "12"
+    dataset = registered["metrics"]["dataset_version"]
+    assert re.fullmatch(rf"tiny-12steps-d{dataset[:7]}-[0-9a-f]{{4}}", run.info.run_name), run.info.run_name
+    # what the device resolved ("auto") as tags, so runs from different machines compare honestly
     hardware = registered["trained"]["hardware"]
     assert run.data.params["train.precision"] == "auto" and hardware["precision_requested"] == "auto"
-    assert run.data.params["resolved.train.precision"] == hardware["precision"] in ("fp32", "bf16")
-    assert run.data.params["resolved.train.device_description"] == hardware["device_description"]
+    assert not any(k.startswith("resolved.") for k in run.data.params)
+    assert run.data.tags["resolved.train.precision"] == hardware["precision"] in ("fp32", "bf16")
+    assert run.data.tags["resolved.train.device_description"] == hardware["device_description"]
     assert run.data.tags["resolved.train.precision_reason"] == hardware["precision_reason"]
     assert run.data.tags["resolved.evaluate.precision"] == registered["metrics"]["precision"]
     assert run.data.tags["resolved.evaluate.memory_format"] == registered["metrics"]["memory_format"]
@@ -152,37 +175,28 @@ def test_first_version_is_champion_with_lineage(server, registered):
     assert tags["git_commit"].startswith(head)
     assert float(tags["fid"]) == pytest.approx(metrics["fid"])
     assert tags["gate.status"] == "done" and tags["gate.decision"] == CHAMPION
+    assert tags["gate.yardstick"] == metrics["yardstick"] == yardstick(metrics["yardstick_parts"])
+    assert tags["gate.yardstick.steps"] == "8" and tags["gate.yardstick.seeds"] == "2"
+    assert tags["gate.yardstick.extractor_sha256"] == metrics["extractor_sha256"]
+    ckpt = load_checkpoint(registered["tmp"] / "run" / "checkpoint.pt")
+    assert tags["weights_sha256"] == weights_sha256(ckpt)
+    # the samples' features are on the run, for the next gates to pair with
+    names = {a.path for a in client.list_artifacts(mv.run_id, "evaluation")}
+    assert "evaluation/features.npz" in names
     on_disk = json.loads((registered["tmp"] / "metrics" / "registry.json").read_text())
     assert on_disk["version"] == reg["version"]
 
 
-def test_decide_is_the_stated_rule():
-    # champion 10 ± 0.3, new ± 0.4: spread = 0.5 (3-4-5), margin 1 -> must win by more than 1.5
-    assert decide(8.4, 0.4, 10.0, 0.3, 1.0).promote
-    assert not decide(8.6, 0.4, 10.0, 0.3, 1.0).promote
-    assert "needed 1.5000" in decide(8.6, 0.4, 10.0, 0.3, 1.0).reason
-    assert decide(50.0, 0.0, None, None, 1.0).promote                # no champion yet
-    assert not decide(float("nan"), 0.0, 10.0, 0.0, 0.0).promote
-
-
-def test_gate_moves_champion_only_for_a_clear_win(server, registered):
-    uri, cfg, reg = server["url"], registered["cfg"], registered["reg"]
-    client = MlflowClient(uri)
-    champ = client.get_model_version_by_alias("digits-gen", CHAMPION)
-    champ_fid, champ_std = float(champ.tags["fid"]), float(champ.tags["fid_std"])
-    kw = dict(model_uri=reg["model_uri"], run_id=reg["run_id"], lineage={"dataset_version": "x"})
-    worse = register(uri, cfg, fid=champ_fid + 5, fid_std=0.1, **kw)
-    assert worse.alias == CHALLENGER and worse.previous_champion == reg["version"]
-    assert client.get_model_version_by_alias("digits-gen", CHAMPION).version == reg["version"]
-    assert client.get_model_version_by_alias("digits-gen", CHALLENGER).version == worse.version
-    # better on the mean, but inside the seed spread: not promoted
-    noisy = register(uri, cfg, fid=champ_fid - 0.5, fid_std=2.0, **kw)
-    assert noisy.alias == CHALLENGER and "does not beat" in noisy.reason
-    better = register(uri, cfg, fid=champ_fid - champ_std - 1.0, fid_std=0.1, **kw)
-    assert better.alias == CHAMPION and better.previous_champion == reg["version"]
-    mv = client.get_model_version_by_alias("digits-gen", CHAMPION)
-    assert mv.version == better.version
-    assert mv.tags["gate.previous_champion"] == reg["version"] and "beats" in mv.tags["gate.reason"]
+def test_the_same_weights_are_not_registered_again(server, registered):
+    """A re-run that trained nothing re-evaluates the same checkpoint: the registry already holds
+    it, so the register stage names that version and creates none."""
+    client = MlflowClient(server["url"])
+    before = client.search_model_versions("name='digits-gen'")
+    again = register_stage(registered["cfg"], flow_run_id="flow-run-again")
+    assert again["duplicate_of"] == registered["reg"]["version"]
+    assert f"already registered as version {registered['reg']['version']}" in again["reason"]
+    assert len(client.search_model_versions("name='digits-gen'")) == len(before)
+    assert already_registered(registered["cfg"])["version"] == registered["reg"]["version"]
 
 
 def test_crash_before_the_alias_moves_leaves_the_champion(server, registered, monkeypatch):
@@ -193,14 +207,17 @@ def test_crash_before_the_alias_moves_leaves_the_champion(server, registered, mo
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed")                      # the process dies at the commit point
 
+    run_id = client.create_run(client.get_run(reg["run_id"]).info.experiment_id).info.run_id
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", crash)
     with pytest.raises(KeyboardInterrupt):
-        register(uri, cfg, fid=-1e6, fid_std=0.0, model_uri=reg["model_uri"], run_id=reg["run_id"],
-                 lineage={})
+        register(uri, cfg, model_uri=reg["model_uri"], run_id=run_id, evaluation=registered["metrics"],
+                 features_file=features_path(cfg.evaluate.metrics_path), lineage={},
+                 weights_sha256="not-yet-registered")
     monkeypatch.undo()
     assert client.get_model_version_by_alias("digits-gen", CHAMPION).version == before
     newest = max(client.search_model_versions("name='digits-gen'"), key=lambda v: int(v.version))
-    assert newest.tags["gate.status"] == "pending" and newest.tags["gate.decision"] == CHAMPION
+    assert newest.tags["gate.status"] == "pending" and newest.run_id == run_id
+    assert newest.tags["gate.decision"] == CHALLENGER      # the champion's own samples: no gain
 
 
 LOAD_AND_PREDICT = """
@@ -243,7 +260,8 @@ def test_models_serve_answers_invocations(server, registered, tmp_path):
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve",
                              "-m", "models:/digits-gen@champion", "--env-manager", "local",
                              "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
 
@@ -299,10 +317,30 @@ def test_the_ui_gets_training_runs_with_datasets_sources_and_decisions(server, r
     that decide under the same names, the evaluation grid among the images, a note on each run
     and a description on each version with the gate's decision."""
     tmp = registered["tmp"] / "second"
-    cfg = stage_cfg(tmp, server["url"], "train.seed=1", f"extractor.path={registered['tmp'] / 'extractor.pt'}")
+    # another model, evaluated under another yardstick (6 sampler steps, not 8): the gate first
+    # re-scores the champion from the registry under this run's yardstick
+    cfg = stage_cfg(tmp, server["url"], "train.seed=1", f"extractor.path={registered['tmp'] / 'extractor.pt'}",
+                    "evaluate.steps=6")
     trained = train_stage(cfg, progress=False, tags={"prefect_flow_run_id": "flow-run-5678"})
     metrics = evaluate_stage(cfg, progress=False)
+    champion = MlflowClient(server["url"]).get_model_version_by_alias("digits-gen", CHAMPION)
     reg = register_stage(cfg, flow_run_id="flow-run-5678")
+    assert reg["champion_rescored"] and reg["previous_champion"] == champion.version
+    decided = MlflowClient(server["url"]).get_model_version("digits-gen", reg["version"]).tags
+    assert decided["gate.champion_rescored"] == "true"
+    assert decided["gate.champion_yardstick"] == champion.tags["gate.yardstick"] != metrics["yardstick"]
+    # the re-scored FID is the champion's own evaluation under this yardstick, done independently
+    # (its checkpoint is the first run's: every version so far holds those weights)
+    parts = metrics["yardstick_parts"]
+    again = evaluate(registered["tmp"] / "run" / "checkpoint.pt", dataclasses.replace(cfg, evaluate=dataclasses.replace(
+        cfg.evaluate, precision=parts["precision"], metrics_path=str(tmp / "check" / "eval.json"),
+        grid_path=str(tmp / "check" / "grid.png"))), load_extractor(cfg), progress=False)
+    assert again["yardstick"] == metrics["yardstick"]
+    assert float(decided["gate.champion_fid"]) == pytest.approx(again["fid"], rel=1e-6)
+    assert float(decided["gate.champion_fid_std"]) == pytest.approx(again["fid_std"], rel=1e-6)
+    # the alias follows the stated rule: promoted exactly when the lower bound clears the margin
+    promoted = float(decided["gate.lower_bound"]) > cfg.tracking.champion_margin
+    assert reg["alias"] == (CHAMPION if promoted else CHALLENGER) == decided["gate.decision"]
     runs = [registered["trained"]["mlflow_run_id"], trained["mlflow_run_id"]]
     versions = [registered["reg"]["version"], reg["version"]]
     done = subprocess.run([sys.executable, "-c", READ_BACK, server["url"], "digits-gen", ",".join(runs),
@@ -312,7 +350,7 @@ def test_the_ui_gets_training_runs_with_datasets_sources_and_decisions(server, r
     seen = json.loads(done.stdout.splitlines()[-1])
     assert seen["experiment"]["mlflow.experimentKind"] == "custom_model_development"
     version = metrics["dataset_version"]
-    for run_id, job in zip(runs, (False, True)):
+    for run_id, job, steps in zip(runs, (False, True), (8, 6)):
         run = seen["runs"][run_id]
         tags = run["tags"]
         assert tags["mlflow.source.type"] == ("JOB" if job else "LOCAL") and tags["mlflow.source.name"]
@@ -323,14 +361,14 @@ def test_the_ui_gets_training_runs_with_datasets_sources_and_decisions(server, r
         assert {"fid", "fid_std", "fid_over_floor", "kid", "confident_share", "class_entropy_ratio"} \
             <= set(run["metrics"])
         assert run["params"]["evaluate.sampler"] == cfg.evaluate.sampler
-        assert run["params"]["evaluate.steps"] == str(cfg.evaluate.steps)
+        assert run["params"]["evaluate.steps"] == str(steps)
         assert any("evaluation_samples" in p for p in run["images"])     # the grid, by eye
         assert any(p.startswith("images/samples") for p in run["images"])  # per-checkpoint grids
         assert tags["mlflow.note.content"].startswith("Registered as digits-gen version ")
-    for v in versions:
+    for v, alias, steps in zip(versions, (CHAMPION, reg["alias"]), (8, 6)):
         text = seen["versions"][v]
-        assert text.startswith(("**champion**", "**challenger**")) and "FID " in text
-        assert f"{cfg.evaluate.steps} steps" in text and version in text and "floor" in text
+        assert text.startswith(f"**{alias}**") and "FID " in text
+        assert f"{steps} steps" in text and version in text and "floor" in text
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
