@@ -4,6 +4,7 @@ version pinned (a shard replaced under a reader, or of another version than the 
 error naming it)."""
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def test_reads_across_shard_boundaries_equal_np_load(prepared, split):
     assert len(images.paths) > 5 and images.shape == ref.shape
     assert np.array_equal(images[:].numpy(), ref)
     assert np.array_equal(load_prepared(prepared, split, in_memory=True).images.numpy(), ref)
+    assert np.array_equal(pickle.loads(pickle.dumps(images))[::-1].numpy(), ref[::-1])   # reopens
     rng = np.random.default_rng(1)
     n = len(ref)
     for _ in range(50):
