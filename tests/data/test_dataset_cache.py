@@ -4,12 +4,14 @@ are swept under the lock and live ones kept; a rename that loses a race uses the
 landed first; the first bad object stops the download and nothing partial is left."""
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,30 @@ def test_a_damaged_cache_hit_is_downloaded_again(pushed, monkeypatch):
                                                            "project has no DVC remote")):
         obtain(version, pushed["absent"], None, cache=cache)
     assert len(log_lines(pushed)) == 5
+
+
+def _obtain_how(pushed) -> str:
+    return get(pushed).how
+
+
+def test_concurrent_workers_of_a_node_download_once(pushed, monkeypatch, tmp_path):
+    """Four processes at once on one cache: one downloads every object once, the others wait on
+    the lock and find its copy; nothing partial is left."""
+    real, fetched = datasets._Reader.fetch, tmp_path / "fetched"
+
+    def counted(self, md5, target):                  # observes, across processes; the real fetch works
+        with open(fetched, "a") as f:
+            f.write(md5 + "\n")
+        return real(self, md5, target)
+
+    monkeypatch.setattr(datasets._Reader, "fetch", counted)
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
+        hows = list(pool.map(_obtain_how, [pushed] * 4))
+    assert sorted(hows) == ["downloaded"] + ["node cache"] * 3
+    assert sorted(fetched.read_text().split()) == sorted(e["md5"] for e in pushed["entries"])
+    assert len(log_lines(pushed)) == 1 and same_files(pushed["cache"] / pushed["version"], pushed["source"])
+    assert sorted(p.name for p in pushed["cache"].iterdir()) == sorted(
+        [pushed["version"], f"{pushed['version']}.lock", f"{pushed['version']}.files.json", "downloads.log"])
 
 
 def test_stale_partials_are_swept_under_the_lock_and_live_ones_kept(pushed):
