@@ -109,11 +109,11 @@ class ShardReader:
         found = _identity(os.fstat(fd))
         if found != self.identities[shard]:
             os.close(fd)
-            raise ConfigError(
-                f"{path}: not the file this job opened (size {self.identities[shard][2]} -> "
-                f"{found[2]} bytes, inode {self.identities[shard][1]} -> {found[1]}); the prepared "
-                "data changed under a running job (prepare ran again?); restart the job to train "
-                "on one version")
+            changed = ", ".join(f"{name} {a} -> {b}" for name, a, b in zip(
+                ("device", "inode", "size", "mtime_ns"), self.identities[shard], found) if a != b)
+            raise ConfigError(f"{path}: not the file this job opened ({changed}); the prepared data "
+                              "changed under a running job (prepare ran again?); restart the job "
+                              "to train on one version")
         self._fds[shard] = fd
         return fd
 
