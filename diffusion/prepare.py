@@ -149,10 +149,14 @@ def conform(pixels: np.ndarray, resolution: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def image_sha256(pixels: np.ndarray) -> str:
+    """The manifest's ``sha256`` of prepared (C, H, W) uint8 pixels: their bytes and shape."""
+    return hashlib.sha256(pixels.tobytes() + repr(pixels.shape).encode()).hexdigest()
+
+
 def prepare_one(record: Record, resolution: int, channels: int) -> PreparedImage:
     pixels = conform(decode(record), resolution, channels)
-    digest = hashlib.sha256(pixels.tobytes() + repr(pixels.shape).encode()).hexdigest()
-    return PreparedImage(record.key, pixels, record.label, digest)
+    return PreparedImage(record.key, pixels, record.label, image_sha256(pixels))
 
 
 def prepare_record(record: Record | BadFile, resolution: int, channels: int) -> PreparedImage | BadFile:

@@ -15,27 +15,43 @@ Order of preference on a worker:
    repository. Every file is checked against its md5 and the listing against the version.
 
 One download per node: the workers of a node take an exclusive ``flock`` on
-``<version>.lock``; the first downloads into a private directory and renames it into place, the
-others find it there. A version that cannot be obtained raises :class:`DatasetUnavailable`
-naming the version, the remote and the cause, before any training starts.
+``<version>.lock``; the first downloads into a private directory
+(``.<version>.partial-<host>-<pid>-<random>``) and renames it into place, the others find it
+there. Under the lock, partials of dead processes of this host, and any partial untouched for
+``STALE_PARTIAL_SECONDS`` (a killed worker of another host on a shared cache), are removed. A
+download stops at the first object that cannot be read or does not match its md5 (the rest are
+cancelled). A rename that fails because another host's copy landed first uses that copy.
+
+A cache hit is checked before it is used: every file at the size recorded at download
+(``<version>.files.json``, itself checked against the version), and with ``verify="md5"`` (or
+``DDPM_DATASET_VERIFY=md5``) every file's md5; a damaged copy is downloaded again. A version that
+cannot be obtained raises :class:`DatasetUnavailable` naming the version, the remote and the
+cause, before any training starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffusion.hardware import CACHE_ENV
 from diffusion.prepare import DataError, dataset_version, file_md5
 from flows.s3 import safe_relative_key
+
+VERIFY_ENV = "DDPM_DATASET_VERIFY"      # how a node-cache hit is checked: "size" (default) or "md5"
+VERIFY_MODES = ("size", "md5")
+STALE_PARTIAL_SECONDS = 24 * 3600       # a partial download untouched this long is abandoned
 
 
 class DatasetUnavailable(DataError):
@@ -120,8 +136,7 @@ def _listing(reader: _Reader, version: str) -> list[dict]:
             f"{_cause(exc)}; push it from the machine that prepared it (dvc push, or the "
             "Prefect flow's dvc stage)") from None
     entries = json.loads(blob)
-    check = hashlib.md5(json.dumps(sorted(entries, key=lambda e: e["relpath"]),
-                                   sort_keys=True).encode()).hexdigest()
+    check = _listing_md5(entries)
     if check != md5:
         raise DatasetUnavailable(f"dataset version {version} on {reader.remote}: the listing "
                                  f"hashes to {check}.dir; the remote copy is corrupt")
@@ -130,6 +145,12 @@ def _listing(reader: _Reader, version: str) -> list[dict]:
             raise DatasetUnavailable(f"dataset version {version} on {reader.remote}: entry "
                                      f"{e['relpath']!r} would escape the dataset directory; refused")
     return entries
+
+
+def _listing_md5(entries: list[dict]) -> str:
+    """The md5 of a ``.dir`` listing as DVC computes it: the version, without ``.dir``."""
+    return hashlib.md5(json.dumps(sorted(entries, key=lambda e: e["relpath"]),
+                                  sort_keys=True).encode()).hexdigest()
 
 
 def _cause(exc: Exception) -> str:
@@ -146,7 +167,9 @@ def _cause(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _download(reader: _Reader, version: str, target: Path, workers: int) -> int:
+def _download(reader: _Reader, version: str, target: Path, workers: int) -> tuple[list[dict], list[int]]:
+    """Every object of the version into ``target``: (the listing, each file's size). Stops at
+    the first object that fails, cancelling those not started."""
     entries = _listing(reader, version)
     target.mkdir(parents=True)
 
@@ -156,15 +179,28 @@ def _download(reader: _Reader, version: str, target: Path, workers: int) -> int:
         try:
             reader.fetch(e["md5"], path)
         except Exception as exc:   # noqa: BLE001
+            if isinstance(exc, OSError) and exc.filename == str(path):
+                raise DatasetUnavailable(f"dataset version {version}: cannot write {path}: "
+                                         f"{exc.strerror}") from None
             raise DatasetUnavailable(f"dataset version {version}: {e['relpath']} (md5 {e['md5']}) "
                                      f"could not be read from {reader.remote}: {_cause(exc)}") from None
-        if file_md5(path) != e["md5"]:
+        found = file_md5(path)
+        if found != e["md5"]:
             raise DatasetUnavailable(f"dataset version {version}: {e['relpath']} from "
-                                     f"{reader.remote} does not match its md5 {e['md5']}")
+                                     f"{reader.remote} does not match its md5 {e['md5']} "
+                                     f"(found {found})")
         return path.stat().st_size
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return sum(pool.map(one, entries))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = [pool.submit(one, e) for e in entries]
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)   # the running ones finish, the rest never start
+    for f in futures:
+        if not f.cancelled() and f.exception() is not None:
+            raise f.exception()
+    return entries, [f.result() for f in futures]
 
 
 def remote_has(version: str, remote: Remote) -> bool:
@@ -187,35 +223,133 @@ class Obtained:
 
 
 def obtain(version: str, local_path: str | Path, remote: Remote | None, *,
-           cache: Path | None = None, workers: int = 16) -> Obtained:
-    """The prepared dataset of ``version`` on this node (see the module docstring)."""
+           cache: Path | None = None, workers: int = 16, verify: str | None = None) -> Obtained:
+    """The prepared dataset of ``version`` on this node (see the module docstring). ``verify``:
+    how a node-cache hit is checked, "size" or "md5" (default: ``$DDPM_DATASET_VERIFY``, else
+    "size")."""
+    verify = verify or os.environ.get(VERIFY_ENV) or "size"
+    if verify not in VERIFY_MODES:
+        raise DatasetUnavailable(f"{VERIFY_ENV} / verify = {verify!r}: expected one of {VERIFY_MODES}")
     started = time.perf_counter()
     local = Path(local_path)
     if (local / "manifest.csv").is_file() and dataset_version(local) == version:
         return Obtained(local, "in place", time.perf_counter() - started)
     cache = cache or cache_root()
     target = cache / version
-    if (target / "manifest.csv").is_file():        # complete: only a whole download is renamed in
+    if target.is_dir() and _damage(cache, version, verify) is None:
         return Obtained(target, "node cache", time.perf_counter() - started)
     if remote is None:
         raise DatasetUnavailable(
             f"dataset version {version} is not on node {socket.gethostname()} ({local} is "
-            f"{'another version' if local.exists() else 'missing'}) and the project has no DVC "
-            "remote to fetch it from; add one (dvc remote add -d) and push")
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{version}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)           # the node's other workers wait here
-        if (target / "manifest.csv").is_file():
-            return Obtained(target, "node cache", time.perf_counter() - started)
-        partial = cache / f".{version}.{os.getpid()}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            size = _download(_Reader(remote), version, partial, workers)
-            os.rename(partial, target)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-        with open(cache / "downloads.log", "a") as log:  # one line per download, for operators
-            log.write(json.dumps({"version": version, "remote": remote.url, "bytes": size,
-                                  "host": socket.gethostname(), "pid": os.getpid(),
-                                  "seconds": round(time.perf_counter() - started, 3)}) + "\n")
+            f"{'another version' if local.exists() else 'missing'}"
+            f"{f', the copy in {target} is damaged' if target.exists() else ''}) and the project "
+            "has no DVC remote to fetch it from; add one (dvc remote add -d) and push")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f"{version}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)           # the node's other workers wait here
+            damage = _damage(cache, version, verify) if target.is_dir() else None
+            if target.is_dir() and damage is None:
+                return Obtained(target, "node cache", time.perf_counter() - started)
+            swept = _sweep(cache, version)
+            size = _fill(cache, version, remote, workers, damage)
+            if size is None:                           # another host's copy landed first
+                return Obtained(target, "node cache", time.perf_counter() - started)
+            with open(cache / "downloads.log", "a") as log:  # one line per download, for operators
+                log.write(json.dumps({"version": version, "remote": remote.url, "bytes": size,
+                                      "host": socket.gethostname(), "pid": os.getpid(),
+                                      "seconds": round(time.perf_counter() - started, 3),
+                                      **({"replaced": damage} if damage else {}),
+                                      **({"swept": swept} if swept else {})}) + "\n")
+    except OSError as exc:
+        raise DatasetUnavailable(f"dataset version {version}: the node's dataset cache: "
+                                 f"{exc.filename or cache}: {exc.strerror or exc}") from None
     return Obtained(target, "downloaded", time.perf_counter() - started, size)
+
+
+# --------------------------------------------------------------------------- the node cache
+
+def _fill(cache: Path, version: str, remote: Remote, workers: int, damage: str | None) -> int | None:
+    """Download ``version`` into a private partial directory and rename it into place (called
+    under the version's lock); the damaged copy, if any, is removed first. Returns the bytes
+    downloaded, or None when the rename found another host's sound copy already there."""
+    target = cache / version
+    partial = cache / f".{version}.partial-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        if damage:                             # aside first: a crash leaves a partial, not a "hit"
+            os.rename(target, partial)
+            shutil.rmtree(partial)
+        entries, sizes = _download(_Reader(remote), version, partial, workers)
+        (cache / f"{version}.files.json").write_text(json.dumps({"listing": entries, "sizes": sizes}))
+        try:
+            os.rename(partial, target)
+        except OSError as exc:
+            if target.is_dir() and _damage(cache, version, "size") is None:   # md5-checked there
+                return None
+            raise DatasetUnavailable(f"dataset version {version}: cannot move the download "
+                                     f"{partial} into place at {target}: {exc.strerror}") from None
+        return sum(sizes)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _host() -> str:
+    return re.sub(r"[^\w.-]", "_", socket.gethostname())
+
+
+def _damage(cache: Path, version: str, verify: str) -> str | None:
+    """What is wrong with the cached copy of ``version`` (None: nothing): a file missing or of
+    another size than at download, or with ``verify == "md5"`` another md5. A copy without a
+    valid size record (made before they were recorded) is hashed whole, and recorded if sound."""
+    target, record = cache / version, cache / f"{version}.files.json"
+    try:
+        files = json.loads(record.read_text())
+        listing, sizes = files["listing"], files["sizes"]
+        valid = _listing_md5(listing) == version.removesuffix(".dir") and len(sizes) == len(listing)
+    except (OSError, ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        if dataset_version(target) != version:
+            return f"its files do not hash to {version}"
+        listing = [{"md5": file_md5(p), "relpath": p.relative_to(target).as_posix()}
+                   for p in sorted(target.rglob("*")) if p.is_file()]
+        with contextlib.suppress(OSError):     # a read-only cache is checked in full each time
+            record.write_text(json.dumps({"listing": listing, "sizes": [
+                (target / e["relpath"]).stat().st_size for e in listing]}))
+        return None
+    for e, size in zip(listing, sizes):
+        path = target / e["relpath"]
+        found = path.stat().st_size if path.is_file() else None
+        if found != size:
+            return f"{e['relpath']} is {'missing' if found is None else f'{found} bytes'}, expected {size} bytes"
+        if verify == "md5" and file_md5(path) != e["md5"]:
+            return f"{e['relpath']} does not match its md5 {e['md5']}"
+    return None
+
+
+def _sweep(cache: Path, version: str) -> list[str]:
+    """Remove the partial downloads of ``version`` nobody is writing (called under its lock):
+    those of dead processes of this host, and any untouched for ``STALE_PARTIAL_SECONDS``
+    (pid-only names of earlier versions of this module included). Returns their names."""
+    swept = []
+    for path in cache.glob(f".{version}.*partial*"):
+        host, _, pid = path.name.removeprefix(f".{version}.partial-").rpartition("-")[0].rpartition("-")
+        try:
+            newest = max(p.lstat().st_mtime for p in (path, *path.rglob("*")))
+        except OSError:
+            continue                               # going away under us: someone else's
+        dead = host == _host() and pid.isdigit() and not _alive(int(pid))
+        if dead or time.time() - newest > STALE_PARTIAL_SECONDS:
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path.name)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                        # another user's process
+        pass
+    return True

@@ -39,8 +39,9 @@ def _can_unshare() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not _can_unshare() or shutil.which("mount") is None,
-                                reason="needs unshare --mount (Linux mount namespaces)")
+# only the cluster tests: the unit tests below need no mount namespace
+needs_unshare = pytest.mark.skipif(not _can_unshare() or shutil.which("mount") is None,
+                                   reason="needs unshare --mount (Linux mount namespaces)")
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,7 @@ def train_on_cluster(project, cluster, tmp_path, *extra):
     return done, (json.loads(run_json.read_text()) if done.returncode == 0 else None)
 
 
+@needs_unshare
 def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, tmp_path):
     """Both workers on the node that cannot see data/: one downloads from S3, the other waits
     for it and reads the node's cache; rank 0's metrics and grids reach the embedded SQLite
@@ -188,7 +190,8 @@ def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, 
     assert hows == ["downloaded", "node cache"], info["data_obtained"]
     assert "downloaded from the DVC remote" in done.stdout                     # said on the console
     cache = cluster["caches"]["remote"]
-    assert sorted(p.name for p in cache.iterdir()) == sorted([version, f"{version}.lock", "downloads.log"])
+    assert sorted(p.name for p in cache.iterdir()) == sorted(      # no partial download left
+        [version, f"{version}.lock", f"{version}.files.json", "downloads.log"])
     assert dataset_version(cache / version) == version               # exactly the pushed version
     downloads = [json.loads(line) for line in (cache / "downloads.log").read_text().splitlines()]
     assert [(d["version"], d["remote"]) for d in downloads] == [(version, "s3://dvc-remote/cache")]
@@ -217,6 +220,7 @@ def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, 
     assert len((cache / "downloads.log").read_text().splitlines()) == 1
 
 
+@needs_unshare
 def test_a_version_missing_on_the_remote_fails_before_training(project, cluster, tmp_path):
     other = project["root"] / "data" / "other"     # prepared, never pushed; hidden from the node
     shutil.copytree(project["root"] / "data" / "prepared", other)
@@ -232,6 +236,7 @@ def test_a_version_missing_on_the_remote_fails_before_training(project, cluster,
     assert not list((tmp_path / "ray").rglob("checkpoint.pt"))            # nothing was trained
 
 
+@needs_unshare
 def test_a_worker_with_other_code_refuses_to_train(project, cluster, tmp_path):
     done, _ = train_on_cluster(project, cluster, tmp_path, "ray.worker_resources=[stale=1]",
                                "ray.max_failures=0", "ray.num_workers=1")
@@ -268,4 +273,10 @@ def test_a_remote_listing_that_escapes_or_is_corrupt_is_refused(tmp_path):
     corrupt = put([{"md5": "0" * 32, "relpath": "a.npy"}], digest="f" * 32)
     with pytest.raises(DatasetUnavailable, match="the remote copy is corrupt"):
         obtain(corrupt, tmp_path / "absent", remote, cache=tmp_path / "cache")
-    assert not list((tmp_path / "cache").glob("*.dir"))            # nothing half-written kept
+    # a sound listing whose object is missing: the download has begun (a partial exists) when it fails
+    missing = put([{"md5": "0" * 32, "relpath": "a.npy"}])
+    with pytest.raises(DatasetUnavailable, match=r"a.npy \(md5 0{32}\) could not be read .*no such object"):
+        obtain(missing, tmp_path / "absent", remote, cache=tmp_path / "cache")
+    # only the lock files: no partial (".<version>.partial-<host>-<pid>-<random>"), nothing half-written
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        f"{v}.lock" for v in (escaping, corrupt, missing))
