@@ -186,7 +186,12 @@ def _prefect_lock(name: str, timeout: float) -> Iterator[None]:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=gcl_name(name), limit=1))
         except ObjectAlreadyExists:
             pass
-    with concurrency(gcl_name(name), occupy=1, timeout_seconds=timeout, strict=True):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(gcl_name(name), occupy=1, timeout_seconds=timeout, strict=True))
+        except TimeoutError:
+            raise GateError(f"Prefect global concurrency limit {gcl_name(name)!r}: another registration "
+                            f"held it for more than {timeout:.0f} s") from None
         yield
 
 

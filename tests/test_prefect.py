@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +106,43 @@ def test_deployment_runs_train_register_then_cache_hits(deployment):
     assert second["tasks"]["register"] == "Cached"
     versions = MlflowClient(registry["tracking_uri"]).search_model_versions("name='ddpm-mnist'")
     assert len(versions) == 1                                           # nothing registered twice
+
+
+def test_registrations_take_turns_on_a_prefect_global_concurrency_limit(deployment):
+    """The first run's registration created the limit (limit 1); while one holder has the slot
+    another cannot take it; a rollback deployment with a version that does not exist fails with
+    the reason and leaves the champion."""
+    root, env, tmp = deployment
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.registry import GateError, _prefect_lock, gcl_name
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(gcl_name("ddpm-mnist")).limit == 1
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with _prefect_lock("ddpm-mnist", 60):
+                held.set()
+                release.wait(60)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert held.wait(60)
+        with pytest.raises(GateError, match="another registration held it"):
+            with _prefect_lock("ddpm-mnist", 2):
+                pass
+        release.set()
+        holder.join(60)
+        with _prefect_lock("ddpm-mnist", 30):                  # free again
+            pass
+    store = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    champion = store.get_model_version_by_alias("ddpm-mnist", "champion").version
+    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ddpm-rollback/test", "--param", "to=7",
+                          "--param", "reason=test", "--watch", "--watch-timeout", "300"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode != 0 and "has no version 7" in out.stdout + out.stderr + (tmp / "serve.log").read_text()
+    assert store.get_model_version_by_alias("ddpm-mnist", "champion").version == champion
 
 
 def test_failing_validation_fails_the_run_and_registers_nothing(deployment):
