@@ -71,7 +71,7 @@ def save_training_checkpoint(state: TrainState, cfg: Config, path: Path) -> Path
     return save_atomic({
         "format": FORMAT,
         "step": state.step,
-        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "config": json.dumps(cfg.public_dict(), sort_keys=True),   # no credentials in URLs
         "config_hash": cfg.hash(exclude=RESUMABLE_KEYS),
         "model": state.model.state_dict(),
         "ema": state.ema.state_dict(),
@@ -88,7 +88,7 @@ def restore_training_checkpoint(state: TrainState, cfg: Config, path: Path,
     ckpt = load_checkpoint(path, map_location=device)
     if ckpt["config_hash"] != cfg.hash(exclude=RESUMABLE_KEYS):
         stored = json.loads(ckpt["config"])
-        now = cfg.to_dict()
+        now = cfg.public_dict()
         changed = sorted(f"{s}.{k}" for s in now for k in now[s]
                          if f"{s}.{k}" not in RESUMABLE_KEYS and stored.get(s, {}).get(k) != now[s][k])
     else:
