@@ -123,7 +123,7 @@ def cpu_native_bf16(flags: Iterable[str], onednn_bf16: bool) -> bool:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bf16 natively (CUDA's check; on the CPU, its flags and oneDNN)."""
+    """Whether the device computes bf16 natively (CUDA's check; a CPU's flags and oneDNN's)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":

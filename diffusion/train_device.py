@@ -83,7 +83,6 @@ def resolve_training_precision(state: TrainState, loss_fn: DiffusionLoss, cfg: C
     return choice
 
 
-
 def _segments(record: dict) -> list[dict]:
     """The precision segments of a checkpoint's hardware record (one for records that predate
     the history)."""
@@ -110,8 +109,9 @@ def _checkpoint_precision(record: dict, requested: str, device: torch.device,
         warning = ("train.precision: this run trains in bf16 (its checkpoint's choice), which this "
                    "device only emulates, slowly; set train.precision=fp32 to switch "
                    f"(recorded at step {step})")
-    return PrecisionChoice("auto", last["precision"], f"auto: kept from the checkpoint (step {step}); "
-                           f"chosen at step {last['step']}: {last['reason']}", warning=warning,
+    reason = (f"auto: kept from the checkpoint (step {step}); chosen at step {last['step']}: "
+              f"{last['reason']}")
+    return PrecisionChoice("auto", last["precision"], reason, warning=warning,
                            measured=record.get("precision_measured"))
 
 
@@ -123,7 +123,8 @@ def precision_record(previous: dict, choice: PrecisionChoice, step: int) -> dict
     switched = previous.get("precision_switched_at_step")
     reason = choice.reason
     last = segments[-1] if segments else None
-    if last is None or (last["precision"], last["requested"]) != (choice.precision, choice.requested):
+    if last is None or (last["precision"], last["requested"]) != (choice.precision,
+                                                                  choice.requested):
         if last is not None and last["precision"] != choice.precision:
             switched = step
             reason += (f"; switched from {last['precision']} at step {step} (train.precision "
