@@ -45,6 +45,11 @@ class TimedWork:
         return 8
 
 
+# per-call costs 10x apart: a loaded machine stretches a sleep by milliseconds, never the ratio
+# below 2 (the 5 % threshold needs 1.05)
+SLOW, FAST = 0.02, 0.002
+
+
 def resolve(requested, work, shape=None):
     return resolve_precision(requested, CPU, shape=shape or {"work": "test"}, workload=work)
 
@@ -64,21 +69,21 @@ def _cache_table(tmp_path) -> dict:
 def test_auto_measures_in_an_empty_cache_and_reports_the_numbers_it_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
     monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.05)
-    work = TimedWork(0.004, 0.001)
+    work = TimedWork(SLOW, FAST)
     fast = resolve("auto", work, {"work": "a"})
     assert work.calls > 0 and fast.reason.startswith("auto: native bf16, measured ")
     assert fast.precision == "bf16" and fast.autocast_dtype is torch.bfloat16
     (entry,) = _cache_table(tmp_path).values()
     assert entry == fast.measured                  # the reported measurement is the cached one
     assert f"fp32 {entry['fp32']:.0f} img/s, bf16 {entry['bf16']:.0f} img/s" in fast.reason
-    again = TimedWork(0.004, 0.001)
+    again = TimedWork(SLOW, FAST)
     hit = resolve("auto", again, {"work": "a"})
     assert again.calls == 0 and "cached measurement" in hit.reason and hit.measured == entry
-    other = TimedWork(0.004, 0.001)
+    other = TimedWork(SLOW, FAST)
     resolve("auto", other, {"work": "other"})            # another work shape is measured on its own
     assert other.calls > 0 and len(_cache_table(tmp_path)) == 2
     (tmp_path / "cache" / "precision.json").write_text("{not json")      # a damaged cache
-    damaged = TimedWork(0.004, 0.001)
+    damaged = TimedWork(SLOW, FAST)
     assert resolve("auto", damaged, {"work": "a"}).precision == "bf16" and damaged.calls > 0
 
 
@@ -162,7 +167,7 @@ def test_one_probe_per_node_the_others_read_its_result(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
     monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.1)
     ranks = 4
-    works = [TimedWork(0.004, 0.001) for _ in range(ranks)]
+    works = [TimedWork(SLOW, FAST) for _ in range(ranks)]
     start, choices = threading.Barrier(ranks), [None] * ranks
 
     def rank(i):
@@ -248,16 +253,16 @@ def test_a_resumed_run_keeps_its_precision_unless_train_precision_changes(tmp_pa
     assert again.hardware["precision_history"] == hw["precision_history"]
 
 
-def test_choose_fastest_keeps_the_default_unless_another_is_clearly_faster(monkeypatch):
+def test_choose_fastest_keeps_the_default_unless_another_is_clearly_faster(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.05)
-    slow, fast = TimedWork(0.004, 0.004), TimedWork(0.001, 0.001)
-    best, why = choose_fastest({"contiguous": lambda: slow(None), "channels_last": lambda: fast(None)},
-                               device=CPU, shape={"work": "fmt"}, default="contiguous")
+    slow, fast = TimedWork(SLOW, SLOW), TimedWork(FAST, FAST)
+    options = {"contiguous": lambda: slow(None), "channels_last": lambda: fast(None)}
+    best, why = choose_fastest(options, device=CPU, shape={"work": "fmt"}, default="contiguous")
     assert best == "channels_last" and why.startswith("measured: contiguous ")
-    best, why = choose_fastest({"contiguous": lambda: slow(None), "channels_last": lambda: fast(None)},
-                               device=CPU, shape={"work": "fmt"}, default="contiguous")
+    best, why = choose_fastest(options, device=CPU, shape={"work": "fmt"}, default="contiguous")
     assert best == "channels_last" and why.startswith("cached measurement")
-    tie = TimedWork(0.002, 0.002)
-    best, _ = choose_fastest({"contiguous": lambda: tie(None), "channels_last": lambda: tie(None)},
-                             device=CPU, shape={"work": "tie"}, default="contiguous")
-    assert best == "contiguous"
+    (key,) = _cache_table(tmp_path)
+    for channels_last, expected in ((104.0, "contiguous"), (106.0, "channels_last")):   # the threshold
+        (tmp_path / "cache" / "precision.json").write_text(
+            json.dumps({key: {"contiguous": 100.0, "channels_last": channels_last}}))
+        assert choose_fastest(options, device=CPU, shape={"work": "fmt"}, default="contiguous")[0] == expected
