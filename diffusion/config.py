@@ -190,6 +190,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
+    def public_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with every URL's user-info removed (:func:`redact_url`): what
+        checkpoints and tracking records keep, which others may read."""
+        return _plain(dataclasses.asdict(self), redact_url)
+
     def hash(self, exclude: typing.Iterable[str] = ()) -> str:
         """sha256 of the canonical JSON of the tree, without the dotted key paths in ``exclude``."""
         tree = self.to_dict()
@@ -200,12 +205,22 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, text: typing.Callable[[str], str] = str) -> Any:
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v, text) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+        return [_plain(v, text) for v in value]
+    return text(value) if isinstance(value, str) else value
+
+
+# scheme://user-info@ (RFC 3986: the user-info ends at the authority's last "@")
+_URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the user-info (``user:password@``, ``token@``) of every URL in it removed,
+    e.g. ``https://user:token@host/x.git`` -> ``https://host/x.git``; other text is unchanged."""
+    return _URL_USERINFO.sub(r"\1", text)
 
 
 # --------------------------------------------------------------------------- loading

@@ -4,12 +4,16 @@
 
 - CUDA: bf16 autocast when the GPU reports bf16 support, else fp32 (fp16 is never chosen
   automatically: it needs a grad scaler and can overflow).
-- CPU: fp32 unless oneDNN reports native bf16 (AVX-512 BF16 / AMX). Native support is not enough
-  on its own (on some Xeons bf16 autocast trains a small U-Net slower than fp32), so there a
-  timed probe runs the actual network at the actual batch in both precisions, a few seconds in
-  all, and bf16 is kept only if it is measurably faster. The result is cached per machine, torch
-  version, thread count and work shape in ``$DDPM_CACHE_DIR`` (default
-  ``~/.cache/ddpm-pipeline``), so the probe runs once.
+- CPU: fp32 unless the CPU computes bf16 natively: its flags (``/proc/cpuinfo``) name bf16
+  arithmetic (``avx512_bf16``, ``amx_bf16``; ``bf16`` on Arm) and oneDNN has bf16 kernels for it
+  (oneDNN's check alone is true on every AVX-512 CPU, which only emulates bf16). Native support
+  is not enough on its own (on some Xeons bf16 autocast trains a small U-Net slower than fp32),
+  so there a timed probe runs the actual network at the actual batch in both precisions, a few
+  seconds in all, and bf16 is kept only if it is measurably faster. The result is cached per
+  machine (CPU model and a digest of its flags), torch version, thread count and work shape in
+  ``$DDPM_CACHE_DIR`` (default ``~/.cache/ddpm-pipeline``), so the probe runs once. Processes
+  that resolve at the same time (DDP ranks on one node) take turns under a file lock: the first
+  measures alone, the others read its result, so every rank reports the number that was cached.
 - An explicit ``bf16`` on a CPU without native support still runs, with a warning that gives
   the measured slow-down (bf16 is emulated there: ~10x slower was seen on an AVX2 EPYC).
 
@@ -23,6 +27,9 @@ store it in checkpoints and metrics, and log it with the run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -30,7 +37,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -42,6 +49,8 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bf
 BF16_MIN_SPEEDUP = 1.05      # bf16 must beat fp32 by 5 % to be chosen (timing noise is ~2 %)
 PROBE_SECONDS = 1.5          # per precision; the probe stops early once this is spent
 CACHE_ENV = "DDPM_CACHE_DIR"
+# CPU flags that name bf16 arithmetic: AVX-512 BF16 and AMX-BF16 (x86), FEAT_BF16 (Arm "Features")
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 # One timed unit of work in a precision: runs it once (the caller adds warm-up) and returns
 # the number of images it processed.
@@ -82,12 +91,43 @@ def cpu_description() -> str:
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags: the ``flags`` (x86) or ``Features`` (Arm) line of ``cpuinfo``
+    (default: this machine's ``/proc/cpuinfo``); empty where the system does not say."""
+    if cpuinfo is None:
+        return _this_cpu_flags()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.cache
+def _this_cpu_flags() -> frozenset[str]:
+    try:
+        return cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return frozenset()
+
+
+def flags_digest(flags: Iterable[str]) -> str:
+    return hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16]
+
+
+def cpu_native_bf16(flags: Iterable[str], onednn_bf16: bool) -> bool:
+    """Native bf16 on a CPU: the CPU names bf16 arithmetic among its ``flags`` and oneDNN has
+    bf16 kernels (``onednn_bf16``). Either alone is not enough: oneDNN says yes on any AVX-512
+    CPU (Skylake, Cascade Lake), which only emulates bf16."""
+    return bool(onednn_bf16) and not BF16_CPU_FLAGS.isdisjoint(flags)
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bf16 natively (CUDA's check, or oneDNN's on the CPU)."""
+    """Whether the device computes bf16 natively (CUDA's check; a CPU's flags and oneDNN's)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return cpu_native_bf16(cpu_flags(), torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
 
 
@@ -127,20 +167,27 @@ def _cache_path() -> Path:
     return Path(root) / "precision.json"
 
 
-def probe_key(device: torch.device, shape: dict) -> str:
-    """What a measurement depends on: the machine, torch, threads and the work's shape."""
-    blob = json.dumps({"device": device_description(device), "torch": torch.__version__,
-                       "shape": shape}, sort_keys=True)
+def probe_key(device: torch.device, shape: dict, flags: Iterable[str] | None = None) -> str:
+    """What a measurement depends on: the machine (on a CPU its model, threads and a digest of
+    its ``flags``, default this CPU's: cloud CPUs often report a generic model name), torch and
+    the work's shape."""
+    machine = {"device": device_description(device), "torch": torch.__version__}
+    if device.type == "cpu":
+        machine["cpu_flags"] = flags_digest(cpu_flags() if flags is None else flags)
+    blob = json.dumps({**machine, "shape": shape}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _cached(key: str) -> dict[str, float] | None:
+def _cached(key: str, options: Iterable[str]) -> dict[str, float] | None:
+    """The cached rates of exactly ``options``, in their order, or None."""
     try:
         entry = json.loads(_cache_path().read_text()).get(key)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
-    if isinstance(entry, dict) and all(isinstance(v, (int, float)) for v in entry.values()):
-        return {k: float(v) for k, v in entry.items()}
+    names = list(options)
+    if (isinstance(entry, dict) and set(entry) == set(names)
+            and all(isinstance(v, (int, float)) for v in entry.values())):
+        return {k: float(entry[k]) for k in names}
     return None
 
 
@@ -162,20 +209,52 @@ def _store(key: str, rates: dict[str, float]) -> None:
         pass                      # a read-only home only costs a probe next time
 
 
+@contextlib.contextmanager
+def _probe_lock() -> Iterator[None]:
+    """One probe at a time per cache (per node): an exclusive ``flock`` beside the cache file,
+    released when the process ends however it ends. Without a writable cache directory there is
+    nothing to share, and every process measures for itself."""
+    path = _cache_path().with_name("probe.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _rates(device: torch.device, shape: dict, options: dict[str, Callable[[], int]]
            ) -> tuple[dict[str, float], bool]:
-    """Measured images/s per option, from the cache when this machine measured it before."""
+    """Images/s per option and whether they came from the cache. A miss measures under the
+    probe lock, so concurrent processes wait for one uncontended measurement and all return it:
+    the numbers a process reports are the numbers in the cache."""
     key = probe_key(device, {**shape, "options": sorted(options)})
-    cached = _cached(key)
-    if cached is not None and set(cached) == set(options):
+    cached = _cached(key, options)
+    if cached is not None:
         return cached, True
-    rates = measure(options)
-    _store(key, rates)
+    with _probe_lock():
+        cached = _cached(key, options)          # measured by another process while we waited
+        if cached is not None:
+            return cached, True
+        rates = measure(options)
+        _store(key, rates)
     return rates, False
 
 
 def _fmt(rates: dict[str, float]) -> str:
     return ", ".join(f"{p} {r:.0f} img/s" for p, r in rates.items())
+
+
+def cpu_auto_precision(rates: dict[str, float]) -> tuple[str, float]:
+    """``auto`` on a CPU with native bf16, from measured images/s: bf16 only when it beats fp32
+    by ``BF16_MIN_SPEEDUP``; returns (precision, bf16 speed-up)."""
+    speedup = rates["bf16"] / max(rates["fp32"], 1e-9)
+    return ("bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"), speedup
 
 
 def resolve_precision(requested: str, device: torch.device, *, shape: dict,
@@ -204,12 +283,13 @@ def resolve_precision(requested: str, device: torch.device, *, shape: dict,
         return (PrecisionChoice(requested, "bf16", "auto: the CUDA device supports bf16") if native
                 else PrecisionChoice(requested, "fp32", "auto: the CUDA device has no bf16 support"))
     if not native:
-        return PrecisionChoice(requested, "fp32", "auto: this CPU has no native bf16 "
-                                                  f"({torch.backends.cpu.get_cpu_capability()})")
+        return PrecisionChoice(requested, "fp32", "auto: this CPU has no native bf16 (no "
+                               f"{'/'.join(sorted(BF16_CPU_FLAGS))} flag, or no oneDNN bf16; "
+                               f"{torch.backends.cpu.get_cpu_capability()})")
     rates, hit = _rates(device, shape, _precision_options(workload))
-    speedup = rates["bf16"] / max(rates["fp32"], 1e-9)
+    precision, speedup = cpu_auto_precision(rates)
     source = "cached measurement" if hit else "measured"
-    if speedup >= BF16_MIN_SPEEDUP:
+    if precision == "bf16":
         return PrecisionChoice(requested, "bf16", f"auto: native bf16, {source} {speedup:.2f}x "
                                                   f"faster than fp32 ({_fmt(rates)})", measured=rates)
     return PrecisionChoice(requested, "fp32", f"auto: native bf16 but {source} not faster "

@@ -1,6 +1,8 @@
 """Where and in what precision training runs: the device from ``train.device`` and
 ``train.precision: auto`` resolved by a probe of the real network (see :mod:`diffusion.hardware`),
-agreed by every rank under DDP."""
+agreed by every rank under DDP, and pinned for the run: a resume keeps the checkpoint's
+precision while ``train.precision`` asks for what it asked then; a changed ``train.precision``
+is a switch, recorded with its step (``precision_history``, ``precision_switched_at_step``)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch.distributed as dist
 
 from diffusion.batches import DistContext
 from diffusion.config import Config, ConfigError
-from diffusion.hardware import PrecisionChoice, resolve_precision
+from diffusion.hardware import PrecisionChoice, native_bf16, resolve_precision
 from diffusion.losses import DiffusionLoss
 from diffusion.train_state import TrainState
 from diffusion.unet import UNet
@@ -56,7 +58,11 @@ def _probe_workload(model: UNet, loss_fn: DiffusionLoss, cfg: Config, device: to
 def resolve_training_precision(state: TrainState, loss_fn: DiffusionLoss, cfg: Config,
                                device: torch.device, ctx: DistContext) -> PrecisionChoice:
     """``train.precision`` for this device (see :mod:`diffusion.hardware`); under DDP the ranks
-    agree (bf16 only where every rank chose it), so all run the same arithmetic."""
+    agree (bf16 only where every rank chose it), so all run the same arithmetic. A resumed
+    ``auto`` run keeps what its checkpoint (``state.hardware``) trained in."""
+    kept = _checkpoint_precision(state.hardware, cfg.train.precision, device, state.step)
+    if kept is not None:
+        return kept                  # every rank restored the same checkpoint: no need to agree
     null_class = state.model.null_class if cfg.model.num_classes else None
     shape = {"work": "train", "model": dataclasses.asdict(cfg.model), "target": cfg.diffusion.target,
              "image": [cfg.data.channels, cfg.data.resolution], "batch": cfg.train.batch_size}
@@ -76,3 +82,56 @@ def resolve_training_precision(state: TrainState, loss_fn: DiffusionLoss, cfg: C
                                          reason=choice.reason + "; another rank chose fp32, so all do")
     return choice
 
+
+def _segments(record: dict) -> list[dict]:
+    """The precision segments of a checkpoint's hardware record (one for records that predate
+    the history)."""
+    if record.get("precision_history"):
+        return list(record["precision_history"])
+    if record.get("precision"):
+        return [{"step": 0, "precision": record["precision"],
+                 "requested": record.get("precision_requested", "auto"),
+                 "reason": record.get("precision_reason", "")}]
+    return []
+
+
+def _checkpoint_precision(record: dict, requested: str, device: torch.device,
+                          step: int) -> PrecisionChoice | None:
+    """The checkpoint's precision when a resumed run asks for ``auto`` as it did then (a new
+    probe could answer otherwise: another node, a deleted cache, timings near the threshold).
+    None when there is nothing to keep or the request is explicit (resolved as asked)."""
+    segments = _segments(record)
+    if step == 0 or not segments or requested != "auto" or segments[-1]["requested"] != "auto":
+        return None
+    last = segments[-1]
+    warning = ""
+    if last["precision"] == "bf16" and not native_bf16(device):
+        warning = ("train.precision: this run trains in bf16 (its checkpoint's choice), which this "
+                   "device only emulates, slowly; set train.precision=fp32 to switch "
+                   f"(recorded at step {step})")
+    reason = (f"auto: kept from the checkpoint (step {step}); chosen at step {last['step']}: "
+              f"{last['reason']}")
+    return PrecisionChoice("auto", last["precision"], reason, warning=warning,
+                           measured=record.get("precision_measured"))
+
+
+def precision_record(previous: dict, choice: PrecisionChoice, step: int) -> dict:
+    """The hardware record's precision fields for a segment starting at ``step``: the segments
+    so far (``previous``: the checkpoint's record, {} for a new run), a new one when the request
+    or the precision changed, and the step of the last switch of precision."""
+    segments = _segments(previous)
+    switched = previous.get("precision_switched_at_step")
+    reason = choice.reason
+    last = segments[-1] if segments else None
+    if last is None or (last["precision"], last["requested"]) != (choice.precision,
+                                                                  choice.requested):
+        if last is not None and last["precision"] != choice.precision:
+            switched = step
+            reason += (f"; switched from {last['precision']} at step {step} (train.precision "
+                       f"{last['requested']} -> {choice.requested})")
+        segments.append({"step": step, "precision": choice.precision, "requested": choice.requested,
+                         "reason": choice.reason})
+    return {"precision": choice.precision, "precision_requested": choice.requested,
+            "precision_reason": reason, "precision_warning": choice.warning,
+            "precision_measured": choice.measured, "precision_history": segments,
+            "precision_switched_at_step": switched}

@@ -19,6 +19,7 @@ from diffusion.unet import UNet
 # Keys that may change between a run and its resumption without invalidating the checkpoint.
 RESUMABLE_KEYS = ("train.steps", "train.budget_minutes", "train.checkpoint_every", "train.log_every",
                   "train.out_dir", "train.device", "train.compile",
+                  "train.precision",     # a change is recorded as a switch (diffusion.train_device)
                   "data.engine", "data.ray_workers", "data.s3_workers") + tuple(
     f"{section}.{f.name}" for section, cls in (("evaluate", EvaluateConfig), ("extractor", ExtractorConfig),
                                               ("ray", RayConfig), ("tracking", TrackingConfig))
@@ -37,6 +38,7 @@ class TrainState:
     train_seconds: float = 0.0      # wall-clock spent in the training loop, over all resumes
     precision: str = "fp32"         # resolved autocast precision (train() resolves "auto")
     hardware: dict = field(default_factory=dict)   # device and precision choices, with reasons
+    # (after a restore: the checkpoint's, until train() resolves this segment's)
 
 
 def build_state(cfg: Config, device: torch.device, num_classes_in_data: int) -> TrainState:
@@ -69,7 +71,7 @@ def save_training_checkpoint(state: TrainState, cfg: Config, path: Path) -> Path
     return save_atomic({
         "format": FORMAT,
         "step": state.step,
-        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "config": json.dumps(cfg.public_dict(), sort_keys=True),   # no credentials in URLs
         "config_hash": cfg.hash(exclude=RESUMABLE_KEYS),
         "model": state.model.state_dict(),
         "ema": state.ema.state_dict(),
@@ -86,11 +88,14 @@ def restore_training_checkpoint(state: TrainState, cfg: Config, path: Path,
     ckpt = load_checkpoint(path, map_location=device)
     if ckpt["config_hash"] != cfg.hash(exclude=RESUMABLE_KEYS):
         stored = json.loads(ckpt["config"])
-        now = cfg.to_dict()
+        now = cfg.public_dict()
         changed = sorted(f"{s}.{k}" for s in now for k in now[s]
                          if f"{s}.{k}" not in RESUMABLE_KEYS and stored.get(s, {}).get(k) != now[s][k])
+    else:
+        changed = []
+    if changed:      # none: the checkpoint predates a key becoming resumable (train.precision)
         raise CheckpointError(f"{path}: was trained with a different configuration "
-                              f"(changed: {', '.join(changed) or 'unknown'}); use another "
+                              f"(changed: {', '.join(changed)}); use another "
                               "train.out_dir or restore those values to resume")
     state.model.load_state_dict(ckpt["model"])
     state.ema.load_state_dict(ckpt["ema"])
@@ -103,6 +108,7 @@ def restore_training_checkpoint(state: TrainState, cfg: Config, path: Path,
         state.scaler.load_state_dict(ckpt["scaler"])
     state.step = int(ckpt["step"])
     state.train_seconds = float(ckpt.get("train_seconds", 0.0))
+    state.hardware = json.loads(ckpt.get("hardware") or "{}")
     rng = ckpt.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"].cpu())

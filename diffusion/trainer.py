@@ -33,7 +33,7 @@ from diffusion.losses import DiffusionLoss
 from diffusion.progress import progress_bar
 from diffusion.schedule import NoiseSchedule
 from diffusion.throughput import Prefetcher, train_flops_per_image, use_persistent_inductor_cache
-from diffusion.train_device import resolve_training_precision, select_device
+from diffusion.train_device import precision_record, resolve_training_precision, select_device
 from diffusion.train_state import (CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, TrainState, build_state,
                                    restore_training_checkpoint, save_training_checkpoint)
 from diffusion.checkpoint import CheckpointError
@@ -228,15 +228,13 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
                       "dist_backend": dist.get_backend() if dist.is_available() and dist.is_initialized()
                       else "none",
                       "threads": torch.get_num_threads(), "world_size": ctx.world_size,
-                      "precision": choice.precision, "precision_requested": choice.requested,
-                      "precision_reason": choice.reason, "precision_warning": choice.warning,
-                      "precision_measured": choice.measured}
+                      **precision_record(state.hardware, choice, state.step)}
     if on_setup is not None:
         on_setup(dict(state.hardware))
     elif progress and ctx.is_main:
         print(f"device: {state.hardware['device_description']}; precision {choice.precision} "
-              f"({choice.reason})" + (f"\nwarning: {choice.warning}" if choice.warning else ""),
-              file=sys.stderr)
+              f"({state.hardware['precision_reason']})"
+              + (f"\nwarning: {choice.warning}" if choice.warning else ""), file=sys.stderr)
     plan = BatchPlan(data, cfg, ctx, device, state.model.null_class if cfg.model.num_classes else None)
     prefetch = Prefetcher(plan.read, enabled=device.type == "cuda")   # next step's images, in pinned memory
     monitor = _Monitor(device, ctx, plan.step_size)

@@ -253,6 +253,8 @@ def register_stage(cfg: Config, flow_run_id: str | None = None) -> dict:
         "prefect_flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID", "none"),
         "ray_run_name": info.get("ray_run_name", "none"), "mlflow_run_id": run_id,
         "checkpoint_step": str(info["step"]),
+        **{f"train_{k}": str(v) for k, v in info.get("hardware", {}).items()    # pinned per run
+           if k in ("precision", "precision_switched_at_step") and v is not None},
     }
     reg = register(uri, cfg, model_uri=lambda: log_generator(uri, run_id, out / "checkpoint.pt"),
                    run_id=run_id, evaluation=metrics, features_file=features, lineage=lineage,

@@ -5,6 +5,10 @@ else the embedded store - SQLite at ``<tracking.local_dir>/mlflow.db`` (absolute
 artifacts under ``<tracking.local_dir>/artifacts``. A server URI (``http://host:5000``) sends
 everything to ``mlflow server``, whose artifact store (for example S3) the server chooses.
 
+No credentials reach the store: every URL in tags, params, dataset sources and the config
+snapshot loses its user-info (:func:`diffusion.config.redact_url`: ``https://user:token@host`` is
+logged as ``https://host``).
+
 Per-step metrics are buffered and sent in ``log_batch`` calls of ``tracking.flush_every`` values,
 so a training step never waits on the tracking server. Metric names are the trainer's own keys
 (loss, lr, grad_norm, img_per_s, ...) and the evaluation's (fid, fid_std, kid, floor_fid, ...),
@@ -17,6 +21,7 @@ import contextlib
 import math
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 
-from diffusion.config import Config  # noqa: E402
+from diffusion.config import Config, redact_url  # noqa: E402
 from diffusion.grid import make_grid  # noqa: E402
 from diffusion.sampling import load_generator, sample  # noqa: E402
 
@@ -93,7 +98,8 @@ def experiment_id(client: MlflowClient, cfg: Config) -> str:
 
 def source_tags(entry_point: str, job: bool, cwd: str | Path = ".") -> dict[str, str]:
     """MLflow's own source tags (the UI's "Source" column and the run page): what ran, as a job
-    or locally, and the git commit, branch and repository URL where git knows them."""
+    or locally, and the git commit, branch and repository URL (without its user-info: a remote
+    cloned with a token carries it) where git knows them."""
     tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "JOB" if job else "LOCAL"}
     commit = git_commit(cwd)
     if commit != "unknown":
@@ -105,7 +111,7 @@ def source_tags(entry_point: str, job: bool, cwd: str | Path = ".") -> dict[str,
         except (OSError, subprocess.SubprocessError):
             continue
         if out.returncode == 0 and out.stdout.strip():
-            tags[key] = out.stdout.strip()
+            tags[key] = redact_url(out.stdout.strip())
     return tags
 
 
@@ -125,7 +131,7 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: Config, version: str) -
     md5 = version.removesuffix(".dir")
     where = (f"{remote.url.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}.dir" if remote
              else str(Path(cfg.data.prepared_dir).absolute()))
-    source = resolve_dataset_source(where if "://" in where else Path(where).as_uri())
+    source = resolve_dataset_source(redact_url(where) if "://" in where else Path(where).as_uri())
     inputs = []
     for split, context in (("train", "training"), ("heldout", "evaluation")):
         dataset = MetaDataset(source, name=f"{cfg.data.source}-{split}", digest=version)
@@ -141,7 +147,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
         else:
-            out[name] = str(value)[:_MAX_PARAM_LENGTH]
+            out[name] = redact_url(str(value))[:_MAX_PARAM_LENGTH]
     return out
 
 
@@ -183,7 +189,7 @@ def run_name(cfg: Config, dataset_version: str) -> str:
 def start_training_run(cfg: Config, *, run_name: str, tags: dict[str, str] | None = None,
                        snapshot_files: tuple[str, ...] = ("params.yaml", "dvc.lock")) -> tuple[str, str]:
     """Create a run with the flattened config as params and a snapshot of ``params.yaml`` and
-    ``dvc.lock`` (when present); returns (tracking URI, run id)."""
+    ``dvc.lock`` (when present, URLs redacted); returns (tracking URI, run id)."""
     uri = tracking_uri(cfg)
     client = client_for(uri)
     tags = tags or {}
@@ -197,9 +203,12 @@ def start_training_run(cfg: Config, *, run_name: str, tags: dict[str, str] | Non
     params = [Param(k, v) for k, v in sorted(run_params(cfg).items())]
     for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[i:i + _MAX_PARAMS_PER_BATCH])
-    for name in snapshot_files:
-        if Path(name).is_file():
-            client.log_artifact(run_id, name, artifact_path="config")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in snapshot_files:
+            if Path(name).is_file():
+                copy = Path(tmp) / Path(name).name
+                copy.write_text(redact_url(Path(name).read_text()))
+                client.log_artifact(run_id, str(copy), artifact_path="config")
     return uri, run_id
 
 
@@ -283,13 +292,17 @@ def log_hardware(client: MlflowClient, run_id: str, stage: str, hardware: dict[s
     tags (hardware is what a run got, not what a person chose: the params stay the choices)."""
     values = {k: hardware[k] for k in ("precision", "precision_requested", "device_description",
                                         "threads", "world_size", "memory_format", "ray_use_gpu",
-                                        "flops_per_image")
+                                        "flops_per_image", "precision_switched_at_step")
               if hardware.get(k) is not None}
     for k, v in sorted(values.items()):
-        client.set_tag(run_id, f"resolved.{stage}.{k}", str(v)[:_MAX_PARAM_LENGTH])
+        client.set_tag(run_id, f"resolved.{stage}.{k}", redact_url(str(v))[:_MAX_PARAM_LENGTH])
     for k in ("precision_reason", "precision_warning", "memory_format_reason", "ray_scaling"):
         if hardware.get(k):
-            client.set_tag(run_id, f"resolved.{stage}.{k}", str(hardware[k]))
+            client.set_tag(run_id, f"resolved.{stage}.{k}", redact_url(str(hardware[k])))
+    if len(hardware.get("precision_history") or ()) > 1:      # the run switched precision
+        client.set_tag(run_id, f"resolved.{stage}.precision_history", "; ".join(
+            f"{s['precision']} from step {s['step']} ({s['requested']})"
+            for s in hardware["precision_history"]))
 
 
 def log_evaluation(uri: str, run_id: str, metrics: dict[str, Any], grid_path: str | Path | None,

@@ -1,7 +1,10 @@
-"""Precision chosen by the device: the capability check, the timed probe and its cache, the
-warning for an explicit bf16 that the CPU only emulates, and the record in the checkpoint."""
+"""Precision chosen by the device: the capability decision (CPU flags and oneDNN), the timed
+probe, its cache and its lock, the warning for an explicit bf16 that the CPU only emulates, the
+record in the checkpoint and the precision pinned over resumes."""
 
 import json
+import platform
+import threading
 import time
 
 import pytest
@@ -11,7 +14,9 @@ from diffusion import hardware
 from diffusion.checkpoint import load_checkpoint
 from diffusion.config import ConfigError, load_config
 from diffusion.data import load_dataset
-from diffusion.hardware import PrecisionError, choose_fastest, measure, native_bf16, resolve_precision
+from diffusion.hardware import (BF16_MIN_SPEEDUP, PrecisionError, choose_fastest, cpu_auto_precision,
+                                cpu_flags, cpu_native_bf16, measure, native_bf16, probe_key,
+                                resolve_precision)
 from diffusion.trainer import train
 from tests.helpers import digits_dir
 
@@ -40,6 +45,11 @@ class TimedWork:
         return 8
 
 
+# per-call costs 10x apart: a loaded machine stretches a sleep by milliseconds, never the ratio
+# below 2 (the 5 % threshold needs 1.05)
+SLOW, FAST = 0.02, 0.002
+
+
 def resolve(requested, work, shape=None):
     return resolve_precision(requested, CPU, shape=shape or {"work": "test"}, workload=work)
 
@@ -52,32 +62,49 @@ def test_auto_is_fp32_without_native_bf16_and_never_probes(monkeypatch):
     assert choice.autocast_dtype is None and choice.warning == ""
 
 
-def test_auto_with_native_bf16_keeps_what_the_probe_measures_faster(monkeypatch):
+def _cache_table(tmp_path) -> dict:
+    return json.loads((tmp_path / "cache" / "precision.json").read_text())
+
+
+def test_auto_measures_in_an_empty_cache_and_reports_the_numbers_it_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
     monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.05)
-    fast = resolve("auto", TimedWork(0.004, 0.001), {"work": "a"})
+    work = TimedWork(SLOW, FAST)
+    fast = resolve("auto", work, {"work": "a"})
+    assert work.calls > 0 and fast.reason.startswith("auto: native bf16, measured ")
     assert fast.precision == "bf16" and fast.autocast_dtype is torch.bfloat16
-    assert "measured" in fast.reason and fast.measured["bf16"] > fast.measured["fp32"]
-    # native support alone is not enough: where bf16 is slower (seen on AMX Xeons), fp32
-    slow = resolve("auto", TimedWork(0.001, 0.004), {"work": "b"})
-    assert slow.precision == "fp32" and "not faster" in slow.reason
-
-
-def test_probe_results_are_cached_per_machine_and_shape(monkeypatch, tmp_path):
-    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
-    monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.05)
-    first = TimedWork(0.004, 0.001)
-    assert resolve("auto", first, {"batch": 32}).precision == "bf16" and first.calls > 0
-    again = TimedWork(0.004, 0.001)
-    choice = resolve("auto", again, {"batch": 32})
-    assert again.calls == 0 and "cached measurement" in choice.reason and choice.precision == "bf16"
-    other = TimedWork(0.004, 0.001)
-    resolve("auto", other, {"batch": 64})        # another work shape is measured on its own
-    assert other.calls > 0
-    table = json.loads((tmp_path / "cache" / "precision.json").read_text())
-    assert len(table) == 2
+    (entry,) = _cache_table(tmp_path).values()
+    assert entry == fast.measured                  # the reported measurement is the cached one
+    assert f"fp32 {entry['fp32']:.0f} img/s, bf16 {entry['bf16']:.0f} img/s" in fast.reason
+    again = TimedWork(SLOW, FAST)
+    hit = resolve("auto", again, {"work": "a"})
+    assert again.calls == 0 and "cached measurement" in hit.reason and hit.measured == entry
+    other = TimedWork(SLOW, FAST)
+    resolve("auto", other, {"work": "other"})            # another work shape is measured on its own
+    assert other.calls > 0 and len(_cache_table(tmp_path)) == 2
     (tmp_path / "cache" / "precision.json").write_text("{not json")      # a damaged cache
-    assert resolve("auto", TimedWork(0.004, 0.001), {"batch": 32}).precision == "bf16"
+    damaged = TimedWork(SLOW, FAST)
+    assert resolve("auto", damaged, {"work": "a"}).precision == "bf16" and damaged.calls > 0
+
+
+def test_auto_chooses_from_the_rates(monkeypatch, tmp_path):
+    """The decision as a function of measured rates, and resolve_precision following the rates
+    in the cache (injected) rather than anything else."""
+    assert cpu_auto_precision({"fp32": 100.0, "bf16": 100.0 * BF16_MIN_SPEEDUP + 0.1})[0] == "bf16"
+    assert cpu_auto_precision({"fp32": 100.0, "bf16": 100.0 * BF16_MIN_SPEEDUP - 0.1})[0] == "fp32"
+    assert cpu_auto_precision({"fp32": 100.0, "bf16": 50.0}) == ("fp32", 0.5)
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
+    monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.02)
+    resolve("auto", TimedWork(0.001, 0.001), {"work": "b"})            # creates the entry
+    path = tmp_path / "cache" / "precision.json"
+    (key,) = _cache_table(tmp_path)
+    for rates, expected, says in (({"fp32": 50.0, "bf16": 150.0}, "bf16", "3.00x faster"),
+                                  ({"fp32": 150.0, "bf16": 50.0}, "fp32", "not faster")):
+        path.write_text(json.dumps({key: rates}))
+        work = TimedWork(0.001, 0.001)
+        choice = resolve("auto", work, {"work": "b"})
+        assert (choice.precision, choice.measured, work.calls) == (expected, rates, 0)
+        assert says in choice.reason
 
 
 def test_measure_is_bounded():
@@ -105,49 +132,137 @@ def test_explicit_choices(monkeypatch):
         resolve("int8", TimedWork(0, 0))
 
 
-def test_the_real_capability_check_on_this_machine():
-    assert native_bf16(CPU) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+SKYLAKE = {"fpu", "sse2", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+SAPPHIRE_RAPIDS = SKYLAKE | {"avx512_bf16", "amx_tile", "amx_bf16"}
+
+
+def test_native_bf16_needs_the_cpu_flags_and_onednn():
+    # oneDNN reports bf16 support on every AVX-512 CPU; without a bf16 flag it only emulates it
+    assert not cpu_native_bf16(SKYLAKE, onednn_bf16=True)
+    assert cpu_native_bf16(SAPPHIRE_RAPIDS, onednn_bf16=True)
+    assert cpu_native_bf16(SKYLAKE | {"avx512_bf16"}, onednn_bf16=True)       # Cooper Lake, Zen 4
+    assert not cpu_native_bf16(SAPPHIRE_RAPIDS, onednn_bf16=False)            # a torch without it
+    assert cpu_native_bf16({"fp", "asimd", "bf16"}, onednn_bf16=True)          # Arm FEAT_BF16
+    x86 = "processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx512f amx_bf16\n\nprocessor\t: 1\n"
+    assert cpu_flags(x86) == {"fpu", "avx512f", "amx_bf16"}
+    assert cpu_flags("processor\t: 0\nFeatures\t: fp asimd bf16\n") == {"fp", "asimd", "bf16"}
+    assert cpu_flags("processor\t: 0\n") == frozenset()
+    if platform.system() == "Linux" and platform.machine() == "x86_64":      # this machine's file
+        assert {"fpu", "sse2"} <= cpu_flags()
     assert hardware.cpu_description().endswith(f"({torch.backends.cpu.get_cpu_capability()})")
+
+
+def test_probe_key_includes_a_digest_of_the_cpu_flags():
+    shape = {"work": "train", "batch": 32}
+    assert probe_key(CPU, shape, SKYLAKE) != probe_key(CPU, shape, SAPPHIRE_RAPIDS)
+    assert probe_key(CPU, shape, sorted(SKYLAKE)) == probe_key(CPU, shape, set(SKYLAKE))
+    assert probe_key(CPU, shape) == probe_key(CPU, shape, cpu_flags())
+    assert probe_key(CPU, shape, SKYLAKE) != probe_key(CPU, {**shape, "batch": 64}, SKYLAKE)
+
+
+def test_one_probe_per_node_the_others_read_its_result(monkeypatch, tmp_path):
+    """Ranks that resolve at the same moment: one measures (alone), the others wait on the
+    lock and report the numbers it cached. flock locks belong to an open file, so threads that
+    each open the lock file contend exactly as processes do."""
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
+    monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.1)
+    ranks = 4
+    works = [TimedWork(SLOW, FAST) for _ in range(ranks)]
+    start, choices = threading.Barrier(ranks), [None] * ranks
+
+    def rank(i):
+        start.wait()
+        choices[i] = resolve("auto", works[i], {"work": "ddp"})
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(w.calls > 0 for w in works) == [False] * (ranks - 1) + [True]
+    (entry,) = _cache_table(tmp_path).values()
+    assert all(c.measured == entry and c.precision == "bf16" for c in choices)
+    assert sum("cached measurement" in c.reason for c in choices) == ranks - 1
 
 
 def test_training_records_the_resolved_precision(tmp_path, monkeypatch):
     """auto resolves on this machine through the real check (and, where the CPU has native
     bf16, the real probe on the real network); the choice reaches the callback, the result and
     the checkpoint. With the check patched off, an explicit bf16 warns with measured numbers."""
+    monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.2)
     data = load_dataset(load_config(None, TINY).data)
     seen = []
     res = train(load_config(None, TINY + [f"train.out_dir={tmp_path / 'auto'}", "train.steps=2"]), data,
                 progress=False, on_setup=seen.append)
-    expected = {"fp32", "bf16"} if native_bf16(CPU) else {"fp32"}
-    assert res.hardware["precision"] in expected and res.hardware["precision_requested"] == "auto"
+    measured = res.hardware["precision_measured"]
+    if native_bf16(CPU):        # the probe decided, and its numbers are the cached ones
+        assert res.hardware["precision"] == cpu_auto_precision(measured)[0]
+        assert list(_cache_table(tmp_path).values()) == [measured]
+    else:
+        assert res.hardware["precision"] == "fp32" and measured is None
+    assert res.hardware["precision_requested"] == "auto"
     assert seen == [res.hardware] and res.state.precision == res.hardware["precision"]
     stored = json.loads(load_checkpoint(res.checkpoint)["hardware"])
     assert stored["precision"] == res.hardware["precision"] and stored["precision_reason"]
     assert stored["device"] == "cpu" and stored["threads"] == torch.get_num_threads()
+    assert stored["precision_history"] == [{"step": 0, "precision": res.hardware["precision"],
+                                            "requested": "auto", "reason": stored["precision_reason"]}]
 
     monkeypatch.setattr(hardware, "native_bf16", lambda device: False)
     res = train(load_config(None, TINY + [f"train.out_dir={tmp_path / 'bf16'}", "train.steps=2",
                                           "train.precision=bf16"]), data, progress=False)
     assert res.hardware["precision"] == "bf16" and "slower than fp32" in res.hardware["precision_warning"]
     assert set(res.hardware["precision_measured"]) == {"fp32", "bf16"}
-    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
-    monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.2)
-    res = train(load_config(None, TINY + [f"train.out_dir={tmp_path / 'probe'}", "train.steps=2"]), data,
-                progress=False)
-    assert res.hardware["precision"] in ("fp32", "bf16") and "measure" in res.hardware["precision_reason"]
-    assert set(res.hardware["precision_measured"]) == {"fp32", "bf16"}
 
 
-def test_choose_fastest_keeps_the_default_unless_another_is_clearly_faster(monkeypatch):
+def test_a_resumed_run_keeps_its_precision_unless_train_precision_changes(tmp_path, monkeypatch):
+    """Precision is pinned per run: a resume does not probe again (a deleted cache, another
+    node or timings near the threshold could answer otherwise) but keeps the checkpoint's; an
+    explicit change of train.precision switches, and the switch and its step are recorded."""
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)      # the probe decides
     monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.05)
-    slow, fast = TimedWork(0.004, 0.004), TimedWork(0.001, 0.001)
-    best, why = choose_fastest({"contiguous": lambda: slow(None), "channels_last": lambda: fast(None)},
-                               device=CPU, shape={"work": "fmt"}, default="contiguous")
+    data = load_dataset(load_config(None, TINY).data)
+
+    def run(out, *overrides):
+        return train(load_config(None, TINY + [f"train.out_dir={tmp_path / out}", *overrides]), data,
+                     progress=False)
+    first = run("run", "train.steps=2")
+    chosen = first.hardware["precision"]
+    other = {"fp32": "bf16", "bf16": "fp32"}[chosen]
+    path = tmp_path / "cache" / "precision.json"
+    (key,) = json.loads(path.read_text())
+    path.write_text(json.dumps({key: {chosen: 50.0, other: 150.0}}))   # now the other wins 3x
+    assert run("fresh", "train.steps=2").hardware["precision"] == other  # as a new run shows
+
+    resumed = run("run", "train.steps=4")
+    hw = resumed.hardware
+    assert resumed.resumed_from == 2 and resumed.state.precision == hw["precision"] == chosen
+    assert hw["precision_reason"].startswith("auto: kept from the checkpoint (step 2); chosen at step 0")
+    assert hw["precision_switched_at_step"] is None
+    assert [s["precision"] for s in hw["precision_history"]] == [chosen]
+
+    switched = run("run", "train.steps=6", f"train.precision={other}")
+    hw = switched.hardware
+    assert switched.state.precision == hw["precision"] == other and hw["precision_switched_at_step"] == 4
+    assert f"switched from {chosen} at step 4 (train.precision auto -> {other})" in hw["precision_reason"]
+    assert [(s["step"], s["precision"], s["requested"]) for s in hw["precision_history"]] == [
+        (0, chosen, "auto"), (4, other, other)]
+    assert json.loads(load_checkpoint(switched.checkpoint)["hardware"])["precision_history"] == \
+        hw["precision_history"]
+    again = run("run", "train.steps=7", f"train.precision={other}")     # no change: no new switch
+    assert again.hardware["precision_switched_at_step"] == 4
+    assert again.hardware["precision_history"] == hw["precision_history"]
+
+
+def test_choose_fastest_keeps_the_default_unless_another_is_clearly_faster(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.05)
+    slow, fast = TimedWork(SLOW, SLOW), TimedWork(FAST, FAST)
+    options = {"contiguous": lambda: slow(None), "channels_last": lambda: fast(None)}
+    best, why = choose_fastest(options, device=CPU, shape={"work": "fmt"}, default="contiguous")
     assert best == "channels_last" and why.startswith("measured: contiguous ")
-    best, why = choose_fastest({"contiguous": lambda: slow(None), "channels_last": lambda: fast(None)},
-                               device=CPU, shape={"work": "fmt"}, default="contiguous")
+    best, why = choose_fastest(options, device=CPU, shape={"work": "fmt"}, default="contiguous")
     assert best == "channels_last" and why.startswith("cached measurement")
-    tie = TimedWork(0.002, 0.002)
-    best, _ = choose_fastest({"contiguous": lambda: tie(None), "channels_last": lambda: tie(None)},
-                             device=CPU, shape={"work": "tie"}, default="contiguous")
-    assert best == "contiguous"
+    (key,) = _cache_table(tmp_path)
+    for channels_last, expected in ((104.0, "contiguous"), (106.0, "channels_last")):   # the threshold
+        (tmp_path / "cache" / "precision.json").write_text(
+            json.dumps({key: {"contiguous": 100.0, "channels_last": channels_last}}))
+        assert choose_fastest(options, device=CPU, shape={"work": "fmt"}, default="contiguous")[0] == expected

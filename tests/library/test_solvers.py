@@ -4,10 +4,14 @@ with the exact denoiser the probability-flow ODE maps N(0, 1) to the data's Gaus
 
 import pytest
 import torch
+from torch import nn
 
-from diffusion.sampling import respace, sample
+from diffusion import hardware
+from diffusion.config import load_config
+from diffusion.sampling import resolve_sampling_precision, respace, sample
 from diffusion.schedule import NoiseSchedule
 from diffusion.solvers import SPACINGS, solve, solver_schedule, solver_timesteps
+from tests.helpers import REPO
 from tests.library.test_sampling import MU, SD, GaussianOracle
 
 diffusers = pytest.importorskip("diffusers")
@@ -117,3 +121,86 @@ def test_per_image_determinism_guidance_and_bad_names():
     with pytest.raises(ValueError, match="unknown timestep spacing"):
         sample(oracle, schedule, 2, sampler="unipc", steps=4, spacing="karras", **{**kw, "labels": labels[:2]})
     assert respace(schedule, 8).timesteps[-1] == 999          # DDIM keeps its own respacing
+
+
+class RoundingOracle(GaussianOracle):
+    """The exact class-conditional denoiser followed by an identity 1x1 convolution: under bf16
+    autocast the network's output is rounded to bf16, exactly as ``.bfloat16()`` rounds it."""
+
+    def __init__(self, schedule, target):
+        super().__init__(schedule, target, num_classes=10)
+        self.conv = nn.Conv2d(1, 1, 1, bias=False)
+        nn.init.ones_(self.conv.weight)
+        self.class_emb = None          # conditional, for the precision and memory-format probes
+
+    def forward(self, x, t, labels=None):
+        return self.conv(super().forward(x, t, labels))
+
+
+def reference_default_path(cfg, schedule, labels, seed, bf16, *, clip=True):
+    """What evaluate's default sampling must produce, built apart from :func:`sample`: diffusers'
+    UniPC stepping on data predictions that are computed here (guidance, v -> x0, clipping),
+    from x_T drawn per image from a generator seeded by seed + j, with the network's outputs
+    rounded to bf16 where it runs in bf16."""
+    ev, target, n = cfg.evaluate, cfg.diffusion.target, len(labels)
+    name, extra = CONFIG[ev.sampler]
+    sched = getattr(diffusers, name)(
+        num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.double().numpy(),
+        prediction_type="sample", lower_order_final=True, final_sigmas_type="zero",
+        timestep_spacing=ev.spacing, thresholding=False, **extra)
+    sched.set_timesteps(ev.steps)
+    oracle = GaussianOracle(schedule, target, num_classes=10)
+    x = torch.stack([torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(seed + j))
+                     for j in range(n)])
+    for t in sched.timesteps:
+        tt = torch.full((n,), int(t))
+        cond, uncond = oracle(x, tt, labels), oracle(x, tt, torch.full((n,), oracle.null_class))
+        if bf16:
+            cond, uncond = cond.bfloat16().float(), uncond.bfloat16().float()
+        out = uncond + ev.guidance_scale * (cond - uncond)
+        abar = float(schedule.alpha_bar[int(t)])
+        x0 = (abar ** 0.5 * x - (1 - abar) ** 0.5 * out if target == "v"
+              else (x - (1 - abar) ** 0.5 * out) / abar ** 0.5)
+        x = sched.step(x0.clamp(-1, 1) if clip else x0, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "configured"])
+def test_the_default_sampling_path_matches_an_independent_reference(precision, tmp_path, monkeypatch):
+    """evaluate's sampling as params.yaml configures it (UniPC-8, linspace, guidance 1.5,
+    clipping, precision and memory format auto on the cosine / v model) through :func:`sample`,
+    against :func:`reference_default_path`. "configured" lets auto resolve here (the probe runs
+    on this machine) and compares with the reference of the precision it chose."""
+    monkeypatch.setenv(hardware.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.05)
+    cfg = load_config(REPO / "params.yaml")
+    ev = cfg.evaluate
+    assert (ev.sampler, ev.steps, ev.spacing, ev.clip_denoised) == ("unipc", 8, "linspace", True)
+    schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    n, seed = 16, 0
+    labels = torch.arange(n) % 10                       # as evaluate cycles through the classes
+    net = RoundingOracle(schedule, cfg.diffusion.target)
+    ours = sample(net, schedule, n, channels=1, resolution=4, sampler=ev.sampler, steps=ev.steps,
+                  eta=ev.eta, target=cfg.diffusion.target, seed=seed, labels=labels,
+                  guidance_scale=ev.guidance_scale, clip_denoised=ev.clip_denoised,
+                  batch_size=ev.batch_size, precision=ev.precision if precision == "configured" else precision,
+                  memory_format=ev.memory_format, spacing=ev.spacing, progress=False)
+    if precision == "configured":                       # the choice sample() made (cached)
+        precision = resolve_sampling_precision(net, ev.precision, channels=1, resolution=4,
+                                               batch_size=n, guided=True).precision
+    bf16 = precision == "bf16"
+    diff = (ours - reference_default_path(cfg, schedule, labels, seed, bf16)).abs()
+    # diffusers keeps its coefficients in float32, ours are float64: measured 5e-7 apart at most
+    # (the samples lie in [-1, 1]); 1e-5 leaves a margin of 20 and is far below what the
+    # comparison must see: bf16 rounding moves most values (mean 6e-4, max 3e-3, checked below)
+    # and leaving out the clipping moves them by up to 1.2.
+    if not bf16:
+        assert diff.max().item() < 1e-5
+    else:
+        # an input one float32 ulp apart can round to the neighbouring bf16 value (about one
+        # rounding in 1e4; none seen here), moving that pixel by under 1e-2: a few may stray
+        assert (diff > 1e-5).float().mean().item() <= 0.02 and diff.max().item() < 1e-2
+    other = (ours - reference_default_path(cfg, schedule, labels, seed, not bf16)).abs()
+    assert (other > 1e-5).float().mean().item() > 0.5           # the rounding is visible
+    unclipped = reference_default_path(cfg, schedule, labels, seed, bf16, clip=False)
+    assert (ours - unclipped).abs().max().item() > 0.1             # and so is the clipping

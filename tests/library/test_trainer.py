@@ -20,7 +20,8 @@ from diffusion.trainer import (MicroBatch, NonFiniteLossError, build_state, lr_a
                                train_step)
 
 TINY = ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}", "model.preset=tiny", "train.batch_size=16",
-        "train.log_every=2", "train.checkpoint_every=4", "train.warmup_steps=3", "train.lr=1e-3"]
+        "train.log_every=2", "train.checkpoint_every=4", "train.warmup_steps=3", "train.lr=1e-3",
+        "train.precision=fp32"]   # exact equivalences; auto may pick bf16 per shape on a bf16 CPU
 
 
 def tiny_cfg(tmp_path, *extra):
