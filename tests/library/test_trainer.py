@@ -182,7 +182,7 @@ def test_a_stop_request_checkpoints_the_step_reached_and_resumes_identically(tmp
     # should_stop is what a signal sets (flows/interrupts.py); it becomes true after step 7, off
     # the checkpoint interval (4): step 7 is checkpointed with its EMA and RNG state, and a
     # resume from it ends with the weights of an uninterrupted run
-    extra = ["model.dropout=0.2", "train.steps=10"]
+    extra = ["model.dropout=0.2", "train.steps=10", "train.precision=fp32"]
     straight = train(tiny_cfg(tmp_path / "straight", *extra), digits, progress=False)
     polls = []
     stopped = train(tiny_cfg(tmp_path / "stopped", *extra), digits, progress=False,
