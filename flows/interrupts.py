@@ -65,13 +65,6 @@ def received() -> int | None:
     return _signum
 
 
-def reset() -> None:
-    """Forget a received signal (tests, and a served process that runs the next flow run)."""
-    global _signum
-    _signum = None
-    _requested.clear()
-
-
 def _on_signal(signum: int, frame) -> None:
     global _signum
     first = not _requested.is_set()
@@ -101,14 +94,17 @@ def handled() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """During the block a first signal only sets :func:`requested` (the code inside polls it and
-    stops at a consistent point); the caller raises :class:`Interrupted` after it."""
+    """During the block a first signal only sets :func:`requested`: the code inside polls it
+    and stops at a consistent point, then raises :class:`Interrupted` with what it knows (the
+    step). If it did not, the outermost block raises it as it ends."""
     global _deferring
     _deferring += 1
     try:
         yield
     finally:
         _deferring -= 1
+    if not _deferring and _signum is not None:
+        raise Interrupted(_signum)
 
 
 # ----------------------------------------------------------------------------- the supervisor

@@ -102,6 +102,12 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
     installed) training stops after the current step, checkpoints it, the MLflow run ends
     KILLED and :class:`~flows.interrupts.Interrupted` carries the step; any other failure
     ends the run FAILED."""
+    from flows import interrupts
+    with interrupts.deferred():     # a signal while the run is set up stops it before the first step
+        return _train_stage(cfg, progress, tags)
+
+
+def _train_stage(cfg: Config, progress: bool, tags: dict[str, str] | None) -> dict:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     from diffusion.checkpoint import checkpoint_step
