@@ -304,12 +304,17 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # ray.init replaces the process's SIGTERM handler with sys.exit; the job's own handler
+    # (flows/interrupts.py: stop training at a step, checkpoint it) is put back after it
+    keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": always a new cluster of our own, even when `ray start` left one running here
         ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(),
                  include_dashboard=False, log_to_driver=True)
+    if keep is not None:
+        signal.signal(signal.SIGTERM, keep)
 
 
 def cluster_name() -> str:

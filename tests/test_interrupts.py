@@ -52,6 +52,12 @@ def _finish(proc, lines: list[str]) -> tuple[int, float]:
     return proc.returncode, time.time() - started
 
 
+def _interrupted_at(shown: str) -> int:
+    found = re.search(r"^interrupted during \[train\] at step (\d+); checkpoint kept$", shown, re.M)
+    assert found, shown
+    return int(found[1])
+
+
 def _processes_with(marker: str) -> list[str]:
     """Command lines of the processes whose environment holds ``marker`` (every process the
     job started inherits it: Ray's raylet, GCS and workers, Prefect's server)."""
@@ -167,14 +173,14 @@ def test_ctrl_c_then_sigterm_during_ray_training_of_the_main_job(tmp_path):
 
     code, shown, seconds = run(signal.SIGINT, r"^\[train\] started")
     assert code == 130, shown
-    first = int(re.search(r"^interrupted during \[train\] at step (\d+); checkpoint kept$", shown, re.M)[1])
+    first = _interrupted_at(shown)
     assert checkpoint_step(checkpoint) == first and first >= 5
     assert "error" not in shown and "Traceback" not in shown
     assert _processes_with(marker) == []                     # Ray, Prefect's server: all gone
 
     code, shown, seconds = run(signal.SIGTERM, rf"^  train: resuming from step {first}$")
     assert code == 143, shown
-    second = int(re.search(r"^interrupted during \[train\] at step (\d+); checkpoint kept$", shown, re.M)[1])
+    second = _interrupted_at(shown)
     assert second > first and checkpoint_step(checkpoint) == second
     assert _processes_with(marker) == []
 
