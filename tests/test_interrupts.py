@@ -14,7 +14,6 @@ import sys
 import textwrap
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -119,6 +118,7 @@ def _stage_train(tmp_path, *extra):
                             stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_stops_in_process_training_at_the_step_reached(tmp_path, sig):
     # the train stage as `dvc repro` runs it, training in-process; the signal comes off the
