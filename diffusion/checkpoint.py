@@ -73,6 +73,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a checkpoint file holds, or None when there is none; memory-mapped, so the
+    weights are not read."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable: the trainer names the problem when it loads it
+        return None
+    return int(ckpt["step"]) if isinstance(ckpt, dict) and "step" in ckpt else None
+
+
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 

@@ -96,7 +96,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     state: TrainState | None = field(default=None, repr=False)   # live model, EMA and optimizer
-    stopped_by: str = "steps"       # "steps" (train.steps reached) or "budget" (train.budget_minutes)
+    stopped_by: str = "steps"       # "steps" (train.steps reached), "budget" (train.budget_minutes)
+    #                                 or "interrupt" (the caller's should_stop)
     train_seconds: float = 0.0      # training-loop wall clock over all resumes
     hardware: dict = field(default_factory=dict)   # resolved device / precision choices and why
 
@@ -107,27 +108,33 @@ SetupCallback = Callable[[dict], None]
 
 
 class _Budget:
-    """``train.budget_minutes`` of loop wall clock, summed over resumes. A single process reads
-    its own clock (no device sync). Under DDP the ranks agree through a MAX all-reduce of the
-    "out of time" flag, so all stop after the same step; on CUDA that flag is checked every 10
-    steps (each check waits for the GPU)."""
+    """When to stop before ``train.steps``: ``train.budget_minutes`` of loop wall clock, summed
+    over resumes, or a stop the caller requests (``should_stop``, e.g. on a signal). A single
+    process reads its own clock and flag (no device sync). Under DDP the ranks agree through a
+    MAX all-reduce of "out of time" (1) / "stop requested" (2), so all stop after the same step;
+    on CUDA that is checked every 10 steps (each check waits for the GPU)."""
 
-    def __init__(self, minutes: float, spent: float, ctx: DistContext, device: torch.device) -> None:
+    def __init__(self, minutes: float, spent: float, ctx: DistContext, device: torch.device,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.limit, self.spent, self.ctx, self.device = minutes * 60.0, spent, ctx, device
+        self.should_stop = should_stop
         self.every = 1 if device.type == "cpu" or ctx.world_size == 1 else 10
         self.start = time.perf_counter()
 
     def seconds(self) -> float:
         return self.spent + time.perf_counter() - self.start
 
-    def exhausted(self, step: int) -> bool:
-        if self.limit <= 0 or step % self.every:
-            return False
-        if self.ctx.world_size == 1:
-            return self.seconds() >= self.limit
-        flag = torch.tensor([float(self.seconds() >= self.limit)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def exhausted(self, step: int) -> str | None:
+        """``"budget"``, ``"interrupt"`` or None (keep training), the same on every rank."""
+        if (self.limit <= 0 and self.should_stop is None) or step % self.every:
+            return None
+        flag = 2.0 if self.should_stop is not None and self.should_stop() else \
+            1.0 if self.limit > 0 and self.seconds() >= self.limit else 0.0
+        if self.ctx.world_size > 1:
+            agreed = torch.tensor([flag], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flag = float(agreed.item())
+        return {0.0: None, 1.0: "budget", 2.0: "interrupt"}[flag]
 
 
 class _Monitor:
@@ -173,7 +180,8 @@ class _Monitor:
 def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = True,
           on_metrics: MetricsCallback | None = None,
           on_checkpoint: CheckpointCallback | None = None,
-          on_setup: SetupCallback | None = None) -> TrainResult:
+          on_setup: SetupCallback | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train to ``cfg.train.steps`` optimizer steps or until ``cfg.train.budget_minutes`` of
     training wall clock (counted over resumes) are spent, whichever comes first, resuming from
     ``out_dir/checkpoint.pt`` (with ``resume=False`` an existing checkpoint is an error, never
@@ -181,7 +189,9 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
     ``on_checkpoint(step, path)`` runs on every rank after each checkpoint (rank 0 wrote it).
     ``on_setup(hardware)`` runs once on every rank before the first step with the resolved
     device and precision (``train.precision: auto``) and the reasons; with ``progress`` and no
-    callback, rank 0 prints them.
+    callback, rank 0 prints them. ``should_stop()`` (polled after every step, cheap: it reads a
+    flag) ends training early like the budget does: the step reached is checkpointed and the
+    result says ``stopped_by="interrupt"``; under DDP every rank stops after the same step.
 
     Works single-process and inside an initialized process group (DDP); only rank 0 writes.
     """
@@ -234,14 +244,15 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
     elif progress and ctx.is_main:
         print(f"device: {state.hardware['device_description']}; precision {choice.precision} "
               f"({state.hardware['precision_reason']})"
-              + (f"\nwarning: {choice.warning}" if choice.warning else ""), file=sys.stderr)
+              + (f"\nwarning: {choice.warning}" if choice.warning else "")
+              + (f"\nresuming from step {resumed_from}" if resumed_from else ""), file=sys.stderr)
     plan = BatchPlan(data, cfg, ctx, device, state.model.null_class if cfg.model.num_classes else None)
     prefetch = Prefetcher(plan.read, enabled=device.type == "cuda")   # next step's images, in pinned memory
     monitor = _Monitor(device, ctx, plan.step_size)
     history: list[dict[str, float]] = []
     bar = progress_bar(total=cfg.train.steps, initial=state.step, desc="training", unit="step",
                        enabled=progress and ctx.is_main)
-    budget = _Budget(cfg.train.budget_minutes, state.train_seconds, ctx, device)
+    budget = _Budget(cfg.train.budget_minutes, state.train_seconds, ctx, device, should_stop)
     out_of_time = budget.exhausted(state.step)        # a resumed run may have spent it already
     try:
         while state.step < cfg.train.steps and not out_of_time:
@@ -251,7 +262,7 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
             bar.update(1)
             out_of_time = budget.exhausted(state.step)
             state.train_seconds = budget.seconds()
-            done = state.step == cfg.train.steps or out_of_time
+            done = state.step == cfg.train.steps or out_of_time is not None
             if state.step % cfg.train.log_every == 0 or done:
                 monitor.check_finite(ckpt_path, last_good)
                 metrics = monitor.report(state.step, out, lr_at(step, cfg.train.lr, cfg.train.warmup_steps))
@@ -279,7 +290,7 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
             save_training_checkpoint(state, cfg, ckpt_path)
         if on_checkpoint is not None:  # the caller still learns where the final checkpoint is
             on_checkpoint(state.step, ckpt_path)
-    stopped_by = "steps" if state.step >= cfg.train.steps else "budget"
+    stopped_by = "steps" if state.step >= cfg.train.steps else out_of_time or "budget"
     if ctx.is_main and progress and stopped_by == "budget":
         print(f"training budget of {cfg.train.budget_minutes:g} min reached at step {state.step} "
               f"of {cfg.train.steps} ({state.train_seconds:.0f} s of training)")

@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from tqdm.auto import tqdm
+
 from diffusion.progress import progress_bar, progress_to
+from flows.interrupts import Interrupted
 
 PROGRESS_LINE_SECONDS = 30.0      # on a non-terminal console: one training line per this many s
 
@@ -40,21 +43,33 @@ class Console:
 
     @property
     def interactive(self) -> bool:
-        """A person's terminal, where progress bars redraw in place."""
+        """A person's terminal, where progress bars redraw in place: one that reports a width
+        (a terminal of 0 columns, as some CI runners and consoles report, gets lines)."""
         try:
-            return self.log_path is not None and self.out.isatty()
+            return self.log_path is not None and self.out.isatty() and _columns(self.out) > 0
         except (AttributeError, ValueError):
             return False
 
     def line(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        self._write(self.out, text)
 
     def warning(self, text: str) -> None:
-        print(f"warning: {text}", file=self.out, flush=True)
+        self._write(self.out, f"warning: {text}")
 
     def error(self, text: str) -> None:
         where = f"\n  details: {self.log_path}" if self.log_path else ""
-        print(f"error: {text}{where}", file=self.err, flush=True)
+        self._write(self.err, f"error: {text}{where}")
+
+    @staticmethod
+    def _write(stream: TextIO, text: str) -> None:
+        """One line; a progress bar on the same terminal is cleared first and redrawn below it
+        (no stale bar frame between lines). A terminal that is gone (hung up) is not an error:
+        the job still stops in order."""
+        try:
+            tqdm.write(text, file=stream)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
     def hardware(self, what: str, setup: dict) -> None:
         """One line for the resolved choices of a stage, and the warning, if any, once."""
@@ -78,6 +93,11 @@ class Console:
         started = time.perf_counter()
         try:
             yield info
+        except Interrupted as exc:
+            where = f" at step {exc.step}; checkpoint kept" if exc.step is not None else ""
+            self.line(f"interrupted during [{name}]{where}")
+            exc.reported = True
+            raise
         except BaseException as exc:
             self.line(f"[{name}] failed after {time.perf_counter() - started:.1f} s")
             self.error(str(exc))
@@ -130,6 +150,14 @@ def quiet_console(log_path: str | Path, restore: bool = True) -> Iterator[Consol
             os.close(fd)
 
 
+def _columns(stream: TextIO) -> int:
+    """The width the terminal behind ``stream`` reports (0 when it reports none)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def _clock(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 60}:{seconds % 60:02d}"
@@ -138,15 +166,14 @@ def _clock(seconds: float) -> str:
 class TrainingProgress:
     """One training progress display, fed by rank 0's metrics (directly, or relayed from Ray
     workers): a bar that redraws in place on a terminal, else one line every
-    ``PROGRESS_LINE_SECONDS``. Shows step, loss, img/s and the time left in the budget."""
+    ``PROGRESS_LINE_SECONDS``. Shows step, loss, img/s and the time left in the budget. The bar
+    is drawn at the first report, so the lines of training's set-up (the hardware, the step it
+    resumes from) come before it."""
 
     def __init__(self, out: Console, steps: int, budget_minutes: float) -> None:
         self.console, self.steps, self.budget = out, steps, budget_minutes * 60.0
         self.bar = None
-        if out.interactive:
-            total = int(self.budget) if self.budget > 0 else steps
-            self.bar = progress_bar(total=total, desc="  train", unit="s" if self.budget > 0 else "step")
-            self.bar.bar_format = "{desc} {percentage:3.0f}%|{bar:24}| {postfix}"
+        self.interactive = out.interactive
         self.last_line = float("-inf")        # the first report shows at once
         self.last: tuple[int, dict] | None = None
         self.shown_step = -1
@@ -161,6 +188,10 @@ class TrainingProgress:
 
     def update(self, step: int, metrics: dict) -> None:
         self.last = (step, metrics)
+        if self.interactive and self.bar is None:
+            total = int(self.budget) if self.budget > 0 else self.steps
+            self.bar = progress_bar(total=total, desc="  train", unit="s" if self.budget > 0 else "step")
+            self.bar.bar_format = "{desc} {percentage:3.0f}%|{bar:24}| {postfix}"
         if self.bar is not None:
             done = metrics.get("train_loop_seconds", 0.0) if self.budget > 0 else step
             self.bar.n = min(int(done), self.bar.total)

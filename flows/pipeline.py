@@ -11,6 +11,9 @@ registered after a failure. Run it:
     python -m flows.pipeline [--params params.yaml] [section.key=value ...] [--force] [--verbose]
 
 (ephemeral Prefect when no ``PREFECT_API_URL`` is set), or as a deployment, see ``flows/serve.py``.
+Ctrl-C, SIGTERM or a closed terminal stop it in order (:mod:`flows.interrupts`): training
+checkpoints the step it reached, the MLflow run ends KILLED, the flow run Cancelled, the Ray
+cluster stops, and the command exits 130 / 143 / 129; the next run resumes from that step.
 The console shows one line per stage as it starts and ends, the resolved hardware, one training
 progress display and the summary; Prefect's, Ray's and MLflow's own output goes to the log file
 named on the first line (``--verbose`` keeps it all on the console instead).
@@ -28,6 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":      # the command: a light parent that runs the job and relays signals
+    from flows.interrupts import supervise
+    supervise("flows.pipeline")
+
 # no usage reporting from offline machines (it also contends for the ephemeral server's SQLite)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -38,9 +45,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Cancelled
 
 from diffusion.config import Config, config_from_dict, load_config
-from flows import stages
+from flows import interrupts, stages
 from flows.console import console, quiet_console
 
 FLOW_NAME = "ddpm-pipeline"
@@ -180,8 +188,9 @@ def _ui_links(reg: dict) -> tuple[str, str]:
     return mlflow_ui, prefect_ui
 
 
-def _stop_ray(flow, flow_run, state) -> None:
-    """Cancelling the flow stops the Ray job: shutting the driver down ends its workers."""
+def _stop_ray(flow=None, flow_run=None, state=None) -> None:
+    """Cancelling the flow stops the Ray job: shutting the driver down ends its workers (and the
+    local cluster the job started)."""
     try:
         import ray
         if ray.is_initialized():
@@ -193,7 +202,21 @@ def _stop_ray(flow, flow_run, state) -> None:
 @flow(name=FLOW_NAME, on_cancellation=[_stop_ray], on_crashed=[_stop_ray], log_prints=True)
 def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None,
                   force: bool = False, push: bool = True) -> dict:
-    """Data versioning -> Ray training -> FID evaluation -> MLflow registration with the gate."""
+    """Data versioning -> Ray training -> FID evaluation -> MLflow registration with the gate.
+    SIGINT, SIGTERM or SIGHUP end the run Cancelled, after the stage running has stopped in
+    order (a training run checkpoints the step it reached) and Ray is shut down."""
+    with interrupts.handled():      # in place of Prefect's SIGTERM handler while the flow runs
+        try:
+            return _pipeline(params_file, overrides, force, push)
+        except interrupts.Interrupted as exc:
+            if not exc.reported:
+                console().line("interrupted between stages")
+            _stop_ray()
+            where = f" at step {exc.step} (checkpoint kept)" if exc.step is not None else ""
+            return Cancelled(message=f"{exc}{where}")
+
+
+def _pipeline(params_file: str, overrides: list[str] | None, force: bool, push: bool) -> dict:
     from prefect.runtime import flow_run
     logger = get_run_logger()
     started = time.perf_counter()
@@ -312,12 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", default="runs/logs", help="where the run's log file goes")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
-    if args.verbose:
-        return _main(args)
-    log_path = Path(args.log_dir) / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    with quiet_console(log_path, restore=False) as out:
-        out.line(f"{FLOW_NAME}: library output goes to {log_path}")
-        return _main(args)
+    with interrupts.handled():
+        try:
+            if args.verbose:
+                return _main(args)
+            log_path = Path(args.log_dir) / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            with quiet_console(log_path, restore=False) as out:
+                out.line(f"{FLOW_NAME}: library output goes to {log_path}")
+                return _main(args)
+        except interrupts.Interrupted as exc:    # while Prefect started or ended the flow run
+            if not exc.reported:
+                console().line(f"interrupted ({exc})")
+            _stop_ray()
+            return exc.exit_code
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -332,6 +362,8 @@ def _main(args: argparse.Namespace) -> int:
     except Exception as exc:      # Prefect itself could not start, or the parameters were refused
         out.error(f"{FLOW_NAME} could not run: {type(exc).__name__}: {str(exc)[:2000]}")
         return 1
+    if state.is_cancelled() and interrupts.received():     # the console said where, at the time
+        return 128 + interrupts.received()
     if not state.is_completed():
         out.error(f"{FLOW_NAME} ended {state.name}: {state.message}")
         return 1

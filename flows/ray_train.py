@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -51,6 +52,7 @@ from diffusion.prepare import dataset_version
 from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, train
 from flows.datasets import DatasetUnavailable, Remote, dvc_remote, obtain, remote_has
 from flows.provenance import source_digest
+from flows.ray_channel import RunChannel
 
 
 class CodeMismatch(ConfigError):
@@ -228,11 +230,11 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = config_from_dict(config["cfg"], "ray worker config")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    queue = config.get("events")
+    channel = config.get("events")
 
     def emit(event: dict) -> None:
-        if queue is not None:
-            queue.put(event, timeout=60)
+        if channel is not None:
+            ray.get(channel.put.remote(event), timeout=60)
 
     # before any device work: the same code as the driver, a GPU torch can use, the data by version
     _check_code(config["code"])
@@ -259,6 +261,7 @@ def train_loop_per_worker(config: dict) -> None:
         if (workdir / CHECKPOINT_NAME).exists() else 0
 
     grids = bool(config.get("grids")) and cfg.tracking.grid_images > 0
+    stop = StopWatch(channel)
 
     def on_metrics(step: int, metrics: dict) -> None:
         last_metrics.update(metrics, step=step)
@@ -266,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
             emit({"kind": "metrics", "step": step, **metrics})
 
     def on_checkpoint(step: int, path: Path) -> None:
-        if rank == 0 and grids:                  # the driver logs it: workers never talk to MLflow
+        if rank == 0 and grids and not stop.requested():   # the driver logs it (workers never talk to MLflow)
             from flows.tracking import sample_grid
             t = cfg.tracking
             emit({"kind": "grid", "step": step,
@@ -278,9 +281,13 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
 
-    result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
-                   on_checkpoint=on_checkpoint,
-                   on_setup=lambda hw: emit({"kind": "setup", **hw}) if rank == 0 else None)
+    try:
+        result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
+                       on_checkpoint=on_checkpoint, should_stop=stop.requested,
+                       on_setup=lambda hw: emit({"kind": "setup", **hw, "resumed_from": resumed_from})
+                       if rank == 0 else None)
+    finally:
+        stop.close()
     # every rank must hold the same weights: compare a checksum across the group
     total = _param_checksum(result.state.model)
     lo, hi = total.clone(), total.clone()
@@ -297,12 +304,17 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # ray.init replaces the process's SIGTERM handler with sys.exit; the job's own handler
+    # (flows/interrupts.py: stop training at a step, checkpoint it) is put back after it
+    keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": always a new cluster of our own, even when `ray start` left one running here
         ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(),
                  include_dashboard=False, log_to_driver=True)
+    if keep is not None:
+        signal.signal(signal.SIGTERM, keep)
 
 
 def cluster_name() -> str:
@@ -336,15 +348,19 @@ def ray_run_name(cfg: Config) -> str:
 
 
 class EventRelay:
-    """A Ray queue actor that the workers put events into, and a driver thread that hands each
-    to ``on_event``. An error there does not stop training; the first one is kept in ``error``
-    for the caller to raise once the run is over."""
+    """The driver's side of a :class:`RunChannel`: a thread that hands each event to
+    ``on_event`` and, once ``should_stop()`` is true, asks the workers to stop. An error in
+    ``on_event`` does not stop training; the first one is kept in ``error`` for the caller to
+    raise once the run is over."""
 
-    def __init__(self, on_event: Callable[[dict], None]) -> None:
-        from ray.util.queue import Queue
-        self.queue = Queue(actor_options={"num_cpus": 0})      # never takes a worker's CPU
-        self.on_event = on_event
+    POLL_S = 0.25
+
+    def __init__(self, on_event: Callable[[dict], None],
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.channel = ray.remote(num_cpus=0)(RunChannel).remote()   # never takes a worker's CPU
+        self.on_event, self.should_stop = on_event, should_stop
         self.error: Exception | None = None
+        self.stop_sent = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="ray-train-events", daemon=True)
         self._thread.start()
@@ -356,26 +372,54 @@ class EventRelay:
             self.error = self.error or exc
 
     def _pump(self) -> None:
-        from ray.util.queue import Empty
         while not self._stop.is_set():
             try:
-                event = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:   # noqa: BLE001 - the queue actor is gone (cluster shut down)
+                if not self.stop_sent and self.should_stop is not None and self.should_stop():
+                    ray.get(self.channel.request_stop.remote(), timeout=30)
+                    self.stop_sent = True
+                events = ray.get(self.channel.take.remote(), timeout=30)
+            except Exception:   # noqa: BLE001 - the channel actor is gone (cluster shut down)
                 return
-            self._deliver(event)
+            for event in events:
+                self._deliver(event)
+            self._stop.wait(self.POLL_S)
 
     def close(self) -> None:
-        """Deliver what is left, then remove the queue actor."""
+        """Deliver what is left, then remove the channel actor."""
         self._stop.set()
         self._thread.join(timeout=10)
         try:
-            for event in self.queue.get_nowait_batch(self.queue.qsize()):
+            for event in ray.get(self.channel.take.remote(), timeout=10):
                 self._deliver(event)
-            ray.kill(self.queue.actor)
+            ray.kill(self.channel)
         except Exception:   # noqa: BLE001 - already gone with the cluster
             pass
+
+
+class StopWatch:
+    """In a worker: a thread that polls the run's channel for a stop request every ``every``
+    seconds; :meth:`requested` is what the training loop polls after each step."""
+
+    def __init__(self, channel, every: float = 0.5) -> None:
+        self.channel, self.every = channel, every
+        self._flag, self._done = threading.Event(), threading.Event()
+        if channel is not None:
+            threading.Thread(target=self._poll, name="ray-train-stop", daemon=True).start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(self.every):
+            try:
+                if ray.get(self.channel.stop_requested.remote(), timeout=30):
+                    self._flag.set()
+                    return
+            except Exception:   # noqa: BLE001 - the driver is gone: Ray ends this worker
+                return
+
+    def requested(self) -> bool:
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        self._done.set()
 
 
 @dataclass(frozen=True)
@@ -386,7 +430,7 @@ class RayTrainResult:
     metrics: dict
     ray_checkpoint: str       # where Ray keeps it (local path or s3:// URI)
     train_seconds: float      # training-loop wall clock over all attempts (train.budget_minutes)
-    stopped_by: str           # "steps" or "budget"
+    stopped_by: str           # "steps", "budget" or "interrupt" (should_stop)
     hardware: dict            # the workers' resolved device and precision, with the reasons
 
 
@@ -400,12 +444,16 @@ def data_source(cfg: Config, version: str | None = None) -> dict:
 
 def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
               on_event: Callable[[dict], None] | None = None,
-              dataset: str | None = None) -> RayTrainResult:
+              dataset: str | None = None,
+              should_stop: Callable[[], bool] | None = None) -> RayTrainResult:
     """Run DDP training on Ray and copy the final checkpoint to ``train.out_dir``. With
     ``mlflow_run = (tracking URI, run id)``, the driver logs rank 0's metrics and sample grids to
     that run; ``on_event`` receives rank 0's ``{"kind": "setup", ...}`` (resolved hardware) and
     ``{"kind": "metrics", "step": ..., ...}`` events and every rank's ``{"kind": "data", ...}``
-    (how it obtained the dataset) on the driver. ``dataset``: the data version, when known."""
+    (how it obtained the dataset) on the driver. ``dataset``: the data version, when known.
+    ``should_stop()`` (polled on the driver) asks the workers to stop: they checkpoint the step
+    they reached, which is returned with ``stopped_by="interrupt"``; true before the workers
+    start, it raises :class:`flows.interrupts.Interrupted` instead."""
     init_ray()
     scaling = resolve_scaling(cfg, ray.cluster_resources(), cluster=cluster_name())
     cfg = resolved(cfg, scaling)
@@ -434,7 +482,7 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
         if on_event is not None:
             on_event(dict(event))
 
-    relay = EventRelay(deliver)
+    relay = EventRelay(deliver, should_stop)
     code = {**code_version(), "git": _git_commit()}
     source = data_source(cfg, dataset)
     if os.environ.get("RAY_ADDRESS") and source["remote"] and not remote_has(
@@ -447,10 +495,12 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
     if not os.environ.get("RAY_ADDRESS"):             # this process's own cluster: a lighter start
         from flows.ray_local import local_settings, local_trainer_class
         trainer_class, settings = local_trainer_class(TorchTrainer), local_settings()
+    if should_stop is not None:
+        trainer_class = _keeping_signal_handlers(trainer_class)
     trainer = trainer_class(
         train_loop_per_worker,
         train_loop_config={"cfg": _absolute(cfg).to_dict(), "code": code,
-                           "data": source, "events": relay.queue,
+                           "data": source, "events": relay.channel,
                            "grids": tracker is not None},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=resources),
@@ -459,6 +509,9 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
                              failure_config=FailureConfig(max_failures=r.max_failures)),
     )
     try:
+        if should_stop is not None and should_stop():    # before Ray Train starts any worker
+            from flows.interrupts import Interrupted, received
+            raise Interrupted(received() or signal.SIGINT)
         with settings:
             result = trainer.fit()
     except WorkerGroupError as exc:          # a worker's refusal to start, as the worker said it
@@ -488,7 +541,18 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
                 "ray_scaling": scaling.reason}
     return RayTrainResult(out / CHECKPOINT_NAME, run_name, step, dict(result.metrics or {}),
                           result.checkpoint.path, float(final.get("train_seconds", 0.0)),
-                          "steps" if step >= cfg.train.steps else "budget", hardware)
+                          "steps" if step >= cfg.train.steps else "interrupt" if relay.stop_sent
+                          else "budget", hardware)
+
+
+def _keeping_signal_handlers(base: type) -> type:
+    """``base`` without Ray Train V2's SIGINT handler: its ``fit()`` replaces the process's
+    handler for good with one that aborts the run (the workers are killed, no checkpoint of the
+    step reached) and then calls ``sys.exit``. A caller that polls ``should_stop`` handles the
+    signal itself and stops the workers in order."""
+    if not hasattr(base, "_register_sigint_handler"):     # pragma: no cover - another Ray version
+        return base
+    return type(base.__name__, (base,), {"_register_sigint_handler": lambda self, controller: None})
 
 
 def _git_commit() -> str:

@@ -97,11 +97,23 @@ def load_extractor(cfg: Config) -> FeatureExtractor:
 def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None = None) -> dict:
     """Train (Ray Train DDP, or in-process with ``ray.enabled = false``) inside an MLflow run;
     writes ``train.out_dir/run.json`` for the register stage and returns the same summary. The
-    console shows the workers' resolved hardware and one progress display (``progress``)."""
+    console shows the workers' resolved hardware, the step a run resumes from and one progress
+    display (``progress``). On a signal (:mod:`flows.interrupts`, when its handlers are
+    installed) training stops after the current step, checkpoints it, the MLflow run ends
+    KILLED and :class:`~flows.interrupts.Interrupted` carries the step; any other failure
+    ends the run FAILED."""
+    from flows import interrupts
+    with interrupts.deferred():     # a signal while the run is set up stops it before the first step
+        return _train_stage(cfg, progress, tags)
+
+
+def _train_stage(cfg: Config, progress: bool, tags: dict[str, str] | None) -> dict:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    from diffusion.checkpoint import checkpoint_step
     from diffusion.data import load_dataset
-    from diffusion.trainer import train
+    from diffusion.trainer import CHECKPOINT_NAME, train
+    from flows import interrupts
     from flows.console import TrainingProgress, console
     from flows.tracking import TrainingTracker, client_for, log_hardware, run_name, start_training_run
     started = time.perf_counter()
@@ -122,10 +134,15 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
     display = TrainingProgress(console(), cfg.train.steps, cfg.train.budget_minutes) if progress else None
 
     scaling: dict = {}
+    # in-process training resumes from train.out_dir; Ray workers say where they resumed from
+    resumes_from = None if cfg.ray.enabled else checkpoint_step(Path(cfg.train.out_dir) / CHECKPOINT_NAME)
 
     def on_setup(hardware: dict) -> None:
         if progress:
             console().hardware("train", {**hardware, **scaling})
+            step = hardware.get("resumed_from", resumes_from)
+            if step:
+                console().line(f"  train: resuming from step {step}")
 
     data_obtained: dict[str, str] = {}
 
@@ -149,7 +166,9 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
 
     try:
         if cfg.ray.enabled:
-            r = ray_train(cfg, (uri, run_id), on_event=on_event, dataset=version)
+            with interrupts.deferred():
+                r = ray_train(cfg, (uri, run_id), on_event=on_event, dataset=version,
+                              should_stop=interrupts.requested)
             step, checkpoint, hardware = r.step, r.checkpoint, r.hardware
             extra = {**{k: r.metrics.get(k) for k in ("resumed_from", "world_size")},
                      "stopped_by": r.stopped_by, "train_loop_seconds": round(r.train_seconds, 2)}
@@ -161,15 +180,19 @@ def train_stage(cfg: Config, progress: bool = True, tags: dict[str, str] | None 
                 if display is not None:
                     display.update(step, metrics)
             try:
-                t = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
-                          on_checkpoint=tracker.on_checkpoint, on_setup=on_setup)
+                with interrupts.deferred():
+                    t = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
+                              on_checkpoint=tracker.on_checkpoint, on_setup=on_setup,
+                              should_stop=interrupts.requested)
             finally:
                 tracker.close()
             step, checkpoint, hardware = t.step, t.checkpoint, t.hardware
             extra = {"resumed_from": t.resumed_from, "world_size": 1, "stopped_by": t.stopped_by,
                      "train_loop_seconds": round(t.train_seconds, 2)}
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        if interrupts.requested():      # stopped early, or the signal came as the last step ended
+            raise interrupts.Interrupted(interrupts.received(), step=step)
+    except BaseException as exc:
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         if monitor is not None:
@@ -292,6 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
+    from flows.interrupts import Interrupted, handled
+    try:
+        with handled():
+            return _run_stage(args)
+    except Interrupted as exc:
+        where = f" at step {exc.step}; checkpoint kept" if exc.step is not None else ""
+        print(f"interrupted during the {args.stage} stage{where}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _run_stage(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.params, args.overrides)
         if args.stage == "prepare":

@@ -1,6 +1,7 @@
 """The pipeline's console: library output to the log file (even from C code and children), one
 line per stage, one training progress display, and errors that still show."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -105,3 +106,94 @@ def test_hardware_line_and_its_warning():
         "no native bf16 (AVX2))",
         "  sampling: precision bf16 (as configured)",
         "warning: measured 9.0x slower"]
+
+
+def _pty_console(tmp_path, columns):
+    """A console on a real pseudo-terminal of ``columns`` columns (0: one that reports no width,
+    as a fresh pty does), and a function returning the rows a person would see on it."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.OPOST                   # the bytes as written, no "\n" -> "\r\n"
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    out = os.fdopen(slave, "w", buffering=1)
+    os.set_blocking(master, False)
+    written = bytearray()
+
+    def rows():
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            written.extend(chunk)
+        # a row shows what follows its last carriage return (tqdm redraws in place with "\r")
+        text = written.decode().replace("\x1b[A", "")
+        return [row.rsplit("\r", 1)[-1].rstrip() for row in text.split("\n")]
+    return Console(out, out, log_path=tmp_path / "x.log"), rows
+
+
+HARDWARE = {"device_description": "Intel Xeon (AVX512), 1 thread(s)", "workers": 2, "precision": "fp32",
+            "precision_reason": "as configured"}
+
+
+def test_on_a_terminal_the_hardware_line_comes_before_the_bar_and_no_bar_frame_is_left(tmp_path):
+    # the order of the train stage: the display is made, the workers report their hardware,
+    # then metrics; a line printed while the bar is up (a rank's download) clears it first
+    from diffusion.progress import progress_to
+    c, rows = _pty_console(tmp_path, columns=100)
+    assert c.interactive
+    with progress_to(c.out):                     # as quiet_console does
+        display = TrainingProgress(c, steps=300, budget_minutes=0)
+        c.hardware("train", HARDWARE)
+        display.update(10, {"loss": 0.9, "img_per_s": 100.0})
+        c.line("[train] rank 1 on node-b: dataset downloaded")
+        display.update(20, {"loss": 0.8, "img_per_s": 100.0})
+        display.close()
+    shown = [r for r in rows() if r]
+    assert shown[0].startswith("  train: 2 workers, each Intel Xeon") and "%|" not in shown[0]
+    assert shown[1] == "[train] rank 1 on node-b: dataset downloaded"
+    assert len(shown) == 3 and "step 20/300, loss 0.8000" in shown[2]
+    assert [r for r in shown if "%|" in r] == [shown[2]]       # one bar frame left: the last
+    assert not any(re.search(r"(?<!\d)0/300", r) for r in shown)   # no stale first frame
+
+
+def test_a_terminal_of_zero_columns_gets_progress_lines(tmp_path, monkeypatch):
+    # a terminal that reports no width would show no bar at all: it gets the lines of a log
+    c, rows = _pty_console(tmp_path, columns=0)
+    assert not c.interactive
+    clock = [0.0]
+    monkeypatch.setattr(console_module.time, "monotonic", lambda: clock[0])
+    display = TrainingProgress(c, steps=300, budget_minutes=0)
+    c.hardware("train", HARDWARE)
+    for step in range(10, 310, 10):
+        clock[0] += 2.0
+        display.update(step, {"loss": 1.0, "img_per_s": 100.0})
+    display.close()
+    shown = [r for r in rows() if r]
+    assert shown[0].startswith("  train: 2 workers")
+    assert shown[1:] == ["  train: step 10/300, loss 1.0000, 100 img/s",
+                         "  train: step 160/300, loss 1.0000, 100 img/s",
+                         "  train: step 300/300, loss 1.0000, 100 img/s"]
+
+
+def test_a_stage_interrupted_by_a_signal_says_where_and_no_error():
+    from flows.interrupts import Interrupted
+    out, err = Lines(), Lines()
+    c = Console(out, err)
+    with pytest.raises(Interrupted):
+        with c.stage("train"):
+            raise Interrupted(2, step=37)
+    with pytest.raises(Interrupted):
+        with c.stage("evaluate"):
+            raise Interrupted(15)
+    assert out.text.splitlines() == ["[train] started", "interrupted during [train] at step 37; checkpoint kept",
+                                     "[evaluate] started", "interrupted during [evaluate]"]
+    assert err.text == ""

@@ -179,6 +179,24 @@ def test_budget_stops_training_with_a_final_checkpoint(tmp_path, digits):
     assert (short.step, short.stopped_by) == (3, "steps")
 
 
+def test_a_stop_request_checkpoints_the_step_reached_and_resumes_identically(tmp_path, digits):
+    # should_stop is what a signal sets (flows/interrupts.py); it becomes true after step 7, off
+    # the checkpoint interval (4): step 7 is checkpointed with its EMA and RNG state, and a
+    # resume from it ends with the weights of an uninterrupted run
+    extra = ["model.dropout=0.2", "train.steps=10", "train.precision=fp32"]
+    straight = train(tiny_cfg(tmp_path / "straight", *extra), digits, progress=False)
+    polls = []
+    stopped = train(tiny_cfg(tmp_path / "stopped", *extra), digits, progress=False,
+                    should_stop=lambda: polls.append(1) or len(polls) > 7)   # before step 1, after each
+    assert (stopped.step, stopped.stopped_by) == (7, "interrupt")
+    ckpt = load_checkpoint(stopped.checkpoint)
+    assert ckpt["step"] == 7 and ckpt["ema"]["num_updates"] == 7
+    resumed = train(tiny_cfg(tmp_path / "stopped", *extra), digits, progress=False)
+    assert (resumed.resumed_from, resumed.step, resumed.stopped_by) == (7, 10, "steps")
+    a, b = params_of(straight.checkpoint)["model"], params_of(resumed.checkpoint)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ddp_ranks_stop_at_the_same_step_on_budget(tmp_path):
     import socket
     with socket.socket() as s:

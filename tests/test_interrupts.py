@@ -1,0 +1,192 @@
+"""Stopping a run (flows/interrupts.py): SIGINT, SIGTERM and SIGHUP stop training after the
+current step with a checkpoint of it, end the MLflow run KILLED (the real SQLite store) and
+the Prefect flow run Cancelled (the real Prefect database), leave no process of the job behind,
+exit 128 + the signal's number, and the next run resumes from the step reached. The main job is
+interrupted for real, on a real local Ray cluster, as a terminal does it: the signal goes to the
+command's whole process group."""
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+
+from diffusion.checkpoint import checkpoint_step
+from flows.interrupts import session_processes
+from tests.helpers import REPO, digits_dir, make_project
+
+EXIT_WITHIN_S = 60          # not a speed check: the command exits (it once hung for minutes)
+
+
+def _read_until(proc, lines: list[str], pattern: str, timeout: float) -> re.Match:
+    """Read the process's output lines into ``lines`` until one matches ``pattern``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(pattern, line)
+        if found:
+            return found
+    raise AssertionError(f"no line matching {pattern!r}:\n{''.join(lines)}")
+
+
+def _finish(proc, lines: list[str]) -> tuple[int, float]:
+    """Wait for the exit; returns (exit code, seconds from now)."""
+    started = time.time()
+    try:
+        out, _ = proc.communicate(timeout=EXIT_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running {EXIT_WITHIN_S} s after the signal:\n{''.join(lines)}")
+    lines.append(out)
+    return proc.returncode, time.time() - started
+
+
+def _interrupted_at(shown: str) -> int:
+    found = re.search(r"^interrupted during \[train\] at step (\d+); checkpoint kept$", shown, re.M)
+    assert found, shown
+    return int(found[1])
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Command lines of the processes whose environment holds ``marker`` (every process the
+    job started inherits it: Ray's raylet, GCS and workers, Prefect's server)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() not in f.read():
+                        continue
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rpartition(")")[2].split()[0] == "Z":
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found.append(f.read().replace(b"\0", b" ").decode(errors="replace")[:200])
+            except OSError:
+                pass
+    return found
+
+
+def test_the_supervisor_relays_a_group_signal_to_the_job_only_and_ends_what_it_left(tmp_path):
+    # a terminal's hang-up reaches the command's process group; the job runs in a session of
+    # its own, gets the signal from the supervisor and exits 129; its child (never signalled)
+    # is ended by the supervisor once the job has exited
+    (tmp_path / "job.py").write_text(textwrap.dedent("""
+        import os, subprocess, sys, time
+        from flows.interrupts import Interrupted, handled, supervise
+        supervise("job")
+        child = subprocess.Popen(["sleep", "300"])
+        print(os.getpid(), child.pid, flush=True)
+        with handled():
+            try:
+                while True:
+                    time.sleep(0.05)
+            except Interrupted as exc:
+                print("stopping on", exc.signum, flush=True)
+                sys.exit(exc.exit_code)
+    """))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}"}
+    proc = subprocess.Popen([sys.executable, "-m", "job"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, start_new_session=True)
+    job, child = map(int, proc.stdout.readline().split())
+    assert job != proc.pid and os.getsid(job) == job         # the job leads its own session
+    os.killpg(proc.pid, signal.SIGHUP)
+    assert proc.wait(timeout=EXIT_WITHIN_S) == 129
+    assert proc.stdout.read() == "stopping on 1\n"
+    assert session_processes(job) == []                      # the sleep it left is gone
+
+
+def _stage_train(tmp_path, *extra):
+    cmd = [sys.executable, "-m", "flows.stages", "train", "--params", str(REPO / "params.yaml"),
+           "data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
+           "model.preset=tiny", "train.batch_size=16", "train.precision=fp32", "train.log_every=5",
+           "train.checkpoint_every=100000", "tracking.grid_images=0", "ray.enabled=false",
+           f"train.out_dir={tmp_path / 'out'}", f"tracking.local_dir={tmp_path / 'mlflow'}", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_stops_in_process_training_at_the_step_reached(tmp_path, sig):
+    # the train stage as `dvc repro` runs it, training in-process; the signal comes off the
+    # checkpoint interval (100000): the step reached is checkpointed all the same
+    lines: list[str] = []
+    proc = _stage_train(tmp_path, "train.steps=100000")
+    _read_until(proc, lines, r"^  train: step \d+", timeout=300)
+    proc.send_signal(sig)
+    code, _ = _finish(proc, lines)
+    shown = "".join(lines)
+    assert code == 128 + sig, shown
+    step = int(re.search(r"interrupted during the train stage at step (\d+); checkpoint kept", shown)[1])
+    assert step >= 5 and checkpoint_step(tmp_path / "out" / "checkpoint.pt") == step
+    assert "Traceback" not in shown
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    [run] = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    assert run.info.status == "KILLED"
+    assert store.get_metric_history(run.info.run_id, "loss")[-1].step <= step   # flushed
+    if sig == signal.SIGHUP:                  # the next run resumes there and finishes
+        again = _stage_train(tmp_path, f"train.steps={step + 5}")
+        shown, _ = again.communicate(timeout=600)
+        code = again.returncode
+        assert code == 0 and f"  train: resuming from step {step}\n" in shown, shown
+        assert checkpoint_step(tmp_path / "out" / "checkpoint.pt") == step + 5
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_sigterm_during_ray_training_of_the_main_job(tmp_path):
+    """The main job (`python -m flows.pipeline`, Ray training with two workers): Ctrl-C once a
+    step was reported stops it in order; the re-run resumes from that step, and SIGTERM stops
+    that one further on (the same path, as a node being drained sends it)."""
+    root, env = make_project(tmp_path)
+    marker = f"DDPM_TEST_JOB={uuid.uuid4().hex}"
+    env = {**env, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(root),
+           "GLOO_SOCKET_IFNAME": "lo", marker.split("=")[0]: marker.split("=")[1]}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "flows.pipeline", "--no-push", "train.steps=100000",
+           "train.log_every=5", "train.checkpoint_every=100000", "extractor.epochs=2",
+           "extractor.min_accuracy=0"]
+    checkpoint = root / "runs" / "default" / "checkpoint.pt"
+
+    def run(sig: signal.Signals, after: str) -> tuple[int, str, float]:
+        lines: list[str] = []
+        proc = subprocess.Popen(cmd, cwd=root, env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        _read_until(proc, lines, after, timeout=600)
+        _read_until(proc, lines, r"^  train: step \d+", timeout=300)
+        os.killpg(proc.pid, sig)                             # as a terminal signals its job
+        code, seconds = _finish(proc, lines)
+        return code, "".join(lines), seconds
+
+    code, shown, seconds = run(signal.SIGINT, r"^\[train\] started")
+    assert code == 130, shown
+    first = _interrupted_at(shown)
+    assert checkpoint_step(checkpoint) == first and first >= 5
+    assert "error" not in shown and "Traceback" not in shown
+    assert _processes_with(marker) == []                     # Ray, Prefect's server: all gone
+
+    code, shown, seconds = run(signal.SIGTERM, rf"^  train: resuming from step {first}$")
+    assert code == 143, shown
+    second = _interrupted_at(shown)
+    assert second > first and checkpoint_step(checkpoint) == second
+    assert _processes_with(marker) == []
+
+    store = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        states = [s for (s,) in db.execute("SELECT state_type FROM flow_run ORDER BY created")]
+    assert states == ["CANCELLED", "CANCELLED"]
