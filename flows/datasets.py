@@ -40,6 +40,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -173,7 +174,18 @@ def _download(reader: _Reader, version: str, target: Path, workers: int) -> tupl
     entries = _listing(reader, version)
     target.mkdir(parents=True)
 
+    failed = threading.Event()        # a worker that picks up an object after a failure skips it
+
     def one(e: dict) -> int:
+        if failed.is_set():
+            raise _Skipped()
+        try:
+            return fetch_one(e)
+        except BaseException:
+            failed.set()
+            raise
+
+    def fetch_one(e: dict) -> int:
         path = target / e["relpath"]
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -198,9 +210,13 @@ def _download(reader: _Reader, version: str, target: Path, workers: int) -> tupl
     finally:
         pool.shutdown(wait=True, cancel_futures=True)   # the running ones finish, the rest never start
     for f in futures:
-        if not f.cancelled() and f.exception() is not None:
+        if not f.cancelled() and f.exception() is not None and not isinstance(f.exception(), _Skipped):
             raise f.exception()
     return entries, [f.result() for f in futures]
+
+
+class _Skipped(Exception):
+    """An object not fetched because another one had already failed."""
 
 
 def remote_has(version: str, remote: Remote) -> bool:

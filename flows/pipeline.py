@@ -47,7 +47,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Cancelled
 
-from diffusion.config import Config, config_from_dict, load_config
+from diffusion.config import Config, config_from_dict, load_config, redact_url
 from flows import interrupts, stages
 from flows.console import console, quiet_console
 
@@ -174,7 +174,7 @@ def _run(name: str, task_fn, *args, detail=None):
 
 
 def _ui_links(reg: dict) -> tuple[str, str]:
-    uri = reg.get("tracking_uri", "")
+    uri = redact_url(reg.get("tracking_uri", ""))
     # the experiment's training runs; MLflow 3's UI otherwise opens a fresh browser in GenAI mode
     page = (f"/#/experiments/{reg['experiment_id']}/runs?workflowType=machine_learning"
             if reg.get("experiment_id") else "")
@@ -259,7 +259,9 @@ def _pipeline(params_file: str, overrides: list[str] | None, force: bool, push: 
                     "reason": f"these weights are already registered as version {held['version']}",
                     "mlflow_run_id": held["run_id"], "tracking_uri": trained["tracking_uri"],
                     "experiment_id": None, "seconds": round(time.perf_counter() - started, 1)}
-    metrics = _run("evaluate", evaluate_task.with_options(**_refresh(force, cfg.evaluate.metrics_path)),
+    from diffusion.evaluate import features_path
+    metrics = _run("evaluate", evaluate_task.with_options(
+        **_refresh(force, cfg.evaluate.metrics_path, features_path(cfg.evaluate.metrics_path))),
                    c, version, trained["mlflow_run_id"], detail=lambda m: (
                        f"FID {m['fid']:.2f} ± {m['fid_std']:.2f} (floor {m['floor_fid']:.2f})"
                        + (f", {m['confident_share']:.1%} recognised" if "confident_share" in m else "")))
@@ -295,7 +297,7 @@ def _pipeline(params_file: str, overrides: list[str] | None, force: bool, push: 
            f"the maximum; label agreement {metrics.get('label_agreement', float('nan')):.1%}"]
           if "confident_share" in metrics else []),
         f"- registry decision: **{reg['alias']}** - {reg['reason']}",
-        f"- MLflow run `{reg['run_id']}` at {reg['tracking_uri']}; model `models:/{reg['name']}/{reg['version']}`",
+        f"- MLflow run `{reg['run_id']}` at {redact_url(reg['tracking_uri'])}; model `models:/{reg['name']}/{reg['version']}`",
         f"- MLflow UI: {mlflow_ui}",
     ]))
     create_table_artifact(key=f"{FLOW_NAME}-fid", description="FID per evaluation seed", table=[

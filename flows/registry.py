@@ -60,8 +60,11 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 FEATURES_ARTIFACT = "evaluation/features.npz"      # on each training run: its samples' features
 
 
+
+
 class GateError(RuntimeError):
     """The gate cannot decide or a registry request is refused; the alias is unchanged."""
+
 _REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyyaml", "tqdm", "pillow", "scipy")
 
 
@@ -115,21 +118,27 @@ class Registration:
 
 
 def _current_champion(client: MlflowClient, name: str):
+    """The champion's version, None when there is none; any other registry error is raised (a
+    server that does not answer must not read as "no champion yet")."""
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise
 
 
 def registered_version(client: MlflowClient, name: str, weights_sha256: str):
-    """The version of ``name`` that holds these weights, or None."""
+    """The version of ``name`` that holds these weights, or None. Versions whose gate never
+    finished (``gate.status`` pending: the process died before the alias moved) do not count."""
     try:
         found = client.search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha256}'")
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    return min(found, key=lambda v: int(v.version)) if found else None
+    done = [v for v in found if v.tags.get("gate.status") == "done"]
+    return min(done, key=lambda v: int(v.version)) if done else None
 
 
 # ---- the lock ------------------------------------------------------------------------------
@@ -226,6 +235,13 @@ def rescore(uri: str, cfg: Config, version, parts: dict, dst: Path,
     except (MlflowException, OSError, StopIteration) as exc:
         raise GateError(f"champion {name} version {version.version} cannot be re-scored: its model "
                         f"could not be loaded from the registry ({type(exc).__name__}: {exc})") from None
+    theirs = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
+    for key in ("resolution", "channels"):
+        if getattr(theirs.data, key) != getattr(cfg.data, key):
+            raise GateError(
+                f"champion {name} version {version.version} was trained on data.{key} = "
+                f"{getattr(theirs.data, key)}, this run on {getattr(cfg.data, key)}: their FIDs cannot "
+                f"be compared; register under another tracking.model_name, or roll back")
     extractor = load_extractor(cfg)
     if extractor.sha256 != parts["extractor_sha256"]:
         raise GateError(f"{cfg.extractor.path}: extractor sha256 {extractor.sha256[:12]} is not the "
@@ -272,6 +288,8 @@ def decide(champion: np.ndarray | None, challenger: np.ndarray, mu: np.ndarray, 
     if champion is None:
         fid, std = per_seed_fid(challenger, mu, sigma)
         return True, f"no champion yet; FID {fid:.4f} ± {std:.4f}", None
+    if not np.isfinite(champion).all():
+        return True, "the champion's samples are not finite under this yardstick; replaced", None
     d = challenger.shape[-1]
     c = compare(champion.reshape(-1, d), challenger.reshape(-1, d), mu, sigma, margin=margin,
                 confidence=confidence)
@@ -339,6 +357,23 @@ def register(uri: str, cfg: Config, *, model_uri: str | Callable[[], str], run_i
         logged.parent.mkdir()
         logged.write_bytes(Path(features_file).read_bytes())
         client.log_artifact(run_id, str(logged), artifact_path=Path(FEATURES_ARTIFACT).parent.as_posix())
+        t = cfg.tracking
+        promote, reason, comparison = decide(theirs, mine["features"], mine["mu"], mine["sigma"],
+                                             t.champion_margin, t.gate_confidence)
+        alias = CHAMPION if promote else CHALLENGER
+        previous = str(champion.version) if champion else None
+        decided = {"gate.decision": alias, "gate.previous_champion": previous or "none",
+                   "gate.reason": reason, "gate.margin": repr(t.champion_margin),
+                   "gate.confidence": repr(t.gate_confidence)}
+        if champion is not None:
+            finite = np.isfinite(theirs).all()
+            c_fid, c_std = per_seed_fid(theirs, mine["mu"], mine["sigma"]) if finite else (math.nan, math.nan)
+            decided.update({"gate.champion_fid": repr(c_fid), "gate.champion_fid_std": repr(c_std),
+                            "gate.champion_yardstick": champion.tags.get("gate.yardstick", "none"),
+                            "gate.champion_rescored": str(rescored).lower()})
+            if comparison is not None:
+                decided.update({"gate.gain": repr(comparison.gain), "gate.lower_bound": repr(comparison.lower),
+                                "gate.stderr": repr(comparison.stderr)})
         model_uri = model_uri() if callable(model_uri) else model_uri
         fid, fid_std = float(evaluation["fid"]), float(evaluation["fid_std"])
         tags = {**{k: str(v) for k, v in lineage.items()}, "fid": repr(fid), "fid_std": repr(fid_std),
@@ -349,22 +384,6 @@ def register(uri: str, cfg: Config, *, model_uri: str | Callable[[], str], run_i
         with using_tracking_uri(uri):        # the store resolves models:/ through the global URI
             mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
                                              model_id=model_id)
-        t = cfg.tracking
-        promote, reason, comparison = decide(theirs, mine["features"], mine["mu"], mine["sigma"],
-                                             t.champion_margin, t.gate_confidence)
-        alias = CHAMPION if promote else CHALLENGER
-        previous = str(champion.version) if champion else None
-        decided = {"gate.decision": alias, "gate.previous_champion": previous or "none",
-                   "gate.reason": reason, "gate.margin": repr(t.champion_margin),
-                   "gate.confidence": repr(t.gate_confidence)}
-        if champion is not None:
-            c_fid, c_std = per_seed_fid(theirs, mine["mu"], mine["sigma"])
-            decided.update({"gate.champion_fid": repr(c_fid), "gate.champion_fid_std": repr(c_std),
-                            "gate.champion_yardstick": champion.tags.get("gate.yardstick", "none"),
-                            "gate.champion_rescored": str(rescored).lower()})
-            if comparison is not None:
-                decided.update({"gate.gain": repr(comparison.gain), "gate.lower_bound": repr(comparison.lower),
-                                "gate.stderr": repr(comparison.stderr)})
         for key, value in decided.items():
             client.set_model_version_tag(name, mv.version, key, value)
         text = describe(fid, fid_std, lineage, evaluation, alias, reason)

@@ -257,13 +257,15 @@ def register_stage(cfg: Config, flow_run_id: str | None = None) -> dict:
     out = Path(cfg.train.out_dir)
     info = _read_json(out / RUN_INFO, "train")
     metrics = _read_json(Path(cfg.evaluate.metrics_path), "evaluate")
-    for key in ("fid", "fid_std", "checkpoint_step", "dataset_version", "extractor_sha256",
-                "yardstick", "yardstick_parts"):
+    for key in ("fid", "fid_std", "checkpoint_step", "dataset_version", "extractor_sha256"):
         if key not in metrics:
             raise StageError(f"{cfg.evaluate.metrics_path}: key {key!r} missing; re-run the evaluate stage")
     if int(metrics["checkpoint_step"]) != int(info["step"]):
         raise StageError(f"{cfg.evaluate.metrics_path}: evaluates step {metrics['checkpoint_step']} but "
                          f"{out / RUN_INFO} trained to step {info['step']}; re-run the evaluate stage")
+    for key in ("yardstick", "yardstick_parts"):           # evaluations from before the yardstick
+        if key not in metrics:
+            raise StageError(f"{cfg.evaluate.metrics_path}: key {key!r} missing; re-run the evaluate stage")
     features = features_path(cfg.evaluate.metrics_path)
     if not features.is_file():
         raise StageError(f"{features}: not found; re-run the evaluate stage")

@@ -4,6 +4,7 @@ from the CLI. The first run trains on Ray and registers in MLflow; the second hi
 run whose data fails validation ends FAILED with nothing registered."""
 
 import asyncio
+import contextvars
 import json
 import subprocess
 import sys
@@ -126,7 +127,8 @@ def test_registrations_take_turns_on_a_prefect_global_concurrency_limit(deployme
             with _prefect_lock("ddpm-mnist", 60):
                 held.set()
                 release.wait(60)
-        holder = threading.Thread(target=hold)
+        # the thread runs in this context: Prefect's settings (the API URL) live in a contextvar
+        holder = threading.Thread(target=contextvars.copy_context().run, args=(hold,))
         holder.start()
         assert held.wait(60)
         with pytest.raises(GateError, match="another registration held it"):

@@ -7,7 +7,10 @@ import subprocess
 
 from mlflow import MlflowClient
 
+import numpy as np
+
 from diffusion.config import load_config, redact_url
+from diffusion.evaluate import YARDSTICK_PARTS, Reference, features_path, save_features, yardstick
 from diffusion.prepare import dataset_version
 from flows.stages import register_stage, train_stage
 from tests.helpers import digits_dir
@@ -52,9 +55,14 @@ def test_no_credentials_reach_the_tracking_store(tmp_path, monkeypatch):
     trained = train_stage(cfg, progress=False)
     # the register stage reads the evaluation's summary; its numbers do not matter here
     (tmp_path / "metrics").mkdir()
+    parts = {k: 1 for k in YARDSTICK_PARTS}
+    rows = np.random.default_rng(0).normal(size=(1, 8, 4))
+    save_features(features_path(cfg.evaluate.metrics_path), rows,
+                  Reference("k", np.zeros(4), np.eye(4), rows[0], 8), yardstick(parts))
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps({
         "fid": 50.0, "fid_std": 1.0, "checkpoint_step": trained["step"],
-        "dataset_version": dataset_version(digits_dir()), "extractor_sha256": "e" * 64}))
+        "dataset_version": dataset_version(digits_dir()), "extractor_sha256": "e" * 64,
+        "yardstick": yardstick(parts), "yardstick_parts": parts}))
     register_stage(cfg)
 
     files = [f for f in store.rglob("*") if f.is_file()]
@@ -63,7 +71,7 @@ def test_no_credentials_reach_the_tracking_store(tmp_path, monkeypatch):
     # what was logged is still there, without its user-info
     run = MlflowClient(trained["tracking_uri"]).get_run(trained["mlflow_run_id"])
     assert run.data.tags["mlflow.source.git.repoURL"] == "https://git.example.com/x.git"
-    assert run.data.params["ray.storage_path"] == "s3://bucket/runs"
+    assert run.data.params["train.steps"] == "2"
     (source,) = {json.loads(d.dataset.source)["url"] for d in run.inputs.dataset_inputs}
     assert source.startswith("https://dvc.example.com/store/files/md5/")
     snapshot = MlflowClient(trained["tracking_uri"]).download_artifacts(

@@ -207,5 +207,6 @@ def test_the_first_bad_object_stops_the_download(pushed, monkeypatch, fault):
     with pytest.raises(DatasetUnavailable, match=re.escape(f"dataset version {version}: {first['relpath']}")
                        + ".*" + cause):
         get(pushed, workers=2)
-    assert len(fetched) <= 4 < len(pushed["entries"])   # the rest were cancelled
+    # the failing object and at most what the other worker had in hand; the rest never fetched
+    assert len(fetched) <= 4 < len(pushed["entries"])
     assert sorted(p.name for p in cache.iterdir()) == [f"{version}.lock"]   # no partial left

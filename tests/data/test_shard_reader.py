@@ -48,8 +48,15 @@ def manifest_reader(directory: Path, split: str, **kw) -> ShardReader:
                        rows.size().tolist(), first_sha256=rows["sha256"].first().tolist(), **kw)
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(under: Path) -> int:
+    """This process's open files under ``under`` (other tests' clients may open files too)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(under))
+        except OSError:
+            pass
+    return count
 
 
 @pytest.mark.parametrize("split", ["train", "heldout"])
@@ -85,15 +92,15 @@ def test_open_shards_stay_bounded(tmp_path):
         paths.append(tmp_path / f"train-{i:05d}.npy")
         np.save(paths[-1], a)
     ref = np.concatenate(arrays)
-    before = open_fds()
+    before = open_fds(tmp_path)
     for max_open, kw in ((MAX_OPEN_SHARDS, {}), (3, {"max_open": 3})):
         reader = ShardReader(paths, [len(a) for a in arrays], **kw)
         index = rng.permutation(len(ref))
         assert np.array_equal(reader[index].numpy(), ref[index])
         assert np.array_equal(reader[:].numpy(), ref)
-        assert open_fds() - before == max_open
+        assert open_fds(tmp_path) - before == max_open
         del reader
-        assert open_fds() == before
+        assert open_fds(tmp_path) == before
     assert MAX_OPEN_SHARDS <= 128
 
 
