@@ -308,7 +308,7 @@ def _pipeline(params_file: str, overrides: list[str] | None, force: bool, push: 
 
 
 @flow(name="ddpm-rollback", log_prints=True)
-def ddpm_rollback(to: str, reason: str, params_file: str = "params.yaml",
+def ddpm_rollback(to: int | str, reason: str, params_file: str = "params.yaml",
                   overrides: list[str] | None = None) -> dict:
     """Move the registry's ``champion`` back to version ``to`` (``python -m flows.registry
     rollback`` as a deployment), under the registry lock; who, why and when go on both versions."""
@@ -319,7 +319,7 @@ def ddpm_rollback(to: str, reason: str, params_file: str = "params.yaml",
     from flows.registry import rollback
     from flows.tracking import tracking_uri
     cfg = load_config(params_file, overrides or [])
-    done = rollback(tracking_uri(cfg), cfg.tracking.model_name, to, reason,
+    done = rollback(tracking_uri(cfg), cfg.tracking.model_name, str(to), reason,
                     who=f"{getpass.getuser()} (Prefect flow run {flow_run.id})")
     get_run_logger().info("champion of %s: version %s (was %s)", done["name"], done["champion"],
                           done["previous_champion"])
