@@ -247,6 +247,9 @@ def _pipeline(params_file: str, overrides: list[str] | None, force: bool, push: 
     if trained.get("resumed_from") == trained["step"]:      # nothing new: maybe nothing to do
         held = stages.already_registered(cfg)
         if held is not None:
+            from flows.tracking import client_for
+            client_for(trained["tracking_uri"]).set_tag(trained["mlflow_run_id"], "duplicate_of",
+                                                        f"{cfg.tracking.model_name} version {held['version']}")
             aliases = ", ".join(held["aliases"]) or "no alias"
             console().line(f"[train] trained nothing new: step {trained['step']} was reached before and "
                            f"its weights are {cfg.tracking.model_name} version {held['version']} "

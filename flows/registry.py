@@ -171,7 +171,11 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _in_prefect_run() -> bool:
+def _with_prefect() -> bool:
+    """Inside a Prefect flow or task run, or with a Prefect server configured (a CLI rollback or
+    a `dvc repro` register beside the deployments): take the server's limit too."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
     if "prefect" not in sys.modules:
         return False
     from prefect.context import FlowRunContext, TaskRunContext
@@ -208,7 +212,7 @@ def _prefect_lock(name: str, timeout: float) -> Iterator[None]:
 def registry_lock(uri: str, name: str, timeout: float = 1800.0) -> Iterator[None]:
     """Registration, the gate and rollback of ``name`` run one at a time."""
     with contextlib.ExitStack() as stack:
-        if _in_prefect_run():
+        if _with_prefect():
             stack.enter_context(_prefect_lock(name, timeout))
         stack.enter_context(_file_lock(_lock_file(uri, name), timeout))
         yield
@@ -221,6 +225,28 @@ def _download(uri: str, **kwargs) -> Path:
         return Path(mlflow.artifacts.download_artifacts(tracking_uri=uri, **kwargs))
 
 
+def _checkpoint_of(uri: str, name: str, version, dst: Path) -> Path:
+    """The registered version's checkpoint file, downloaded under ``dst`` (once)."""
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        found = list(dst.rglob("checkpoint.pt"))
+        if found:
+            return found[0]
+        model_dir = _download(uri, artifact_uri=f"models:/{name}/{version.version}", dst_path=str(dst))
+        return next(model_dir.rglob("checkpoint.pt"))
+    except (MlflowException, OSError, StopIteration) as exc:
+        raise GateError(f"champion {name} version {version.version} cannot be re-scored: its model "
+                        f"could not be loaded from the registry ({type(exc).__name__}: {exc})") from None
+
+
+def _backfill_digest(client: MlflowClient, uri: str, name: str, version, dst: Path) -> str:
+    """The weights digest of a version registered before digests were recorded, recorded now."""
+    from diffusion.checkpoint import weights_sha256
+    digest = weights_sha256(load_checkpoint(_checkpoint_of(uri, name, version, dst)))
+    client.set_model_version_tag(name, version.version, "weights_sha256", digest)
+    return digest
+
+
 def rescore(uri: str, cfg: Config, version, parts: dict, dst: Path,
             device: str = "cpu") -> np.ndarray:
     """Sample the registered ``version`` under the yardstick ``parts`` (same seeds, sample count,
@@ -229,12 +255,7 @@ def rescore(uri: str, cfg: Config, version, parts: dict, dst: Path,
     from diffusion.evaluate import evaluate, features_path
     from flows.stages import load_extractor
     name = cfg.tracking.model_name
-    try:
-        model_dir = _download(uri, artifact_uri=f"models:/{name}/{version.version}", dst_path=str(dst))
-        checkpoint = next(model_dir.rglob("checkpoint.pt"))
-    except (MlflowException, OSError, StopIteration) as exc:
-        raise GateError(f"champion {name} version {version.version} cannot be re-scored: its model "
-                        f"could not be loaded from the registry ({type(exc).__name__}: {exc})") from None
+    checkpoint = _checkpoint_of(uri, name, version, dst)
     theirs = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
     for key in ("resolution", "channels"):
         if getattr(theirs.data, key) != getattr(cfg.data, key):
@@ -269,6 +290,7 @@ def _champion_features(uri: str, cfg: Config, champion, mine: dict, parts: dict,
                        device: str) -> tuple[np.ndarray, bool]:
     """The champion's features under the challenger's yardstick: its own when it was measured
     under the same one (the artifact on its run), else re-scored. Returns (features, rescored)."""
+    dst.mkdir(parents=True, exist_ok=True)
     if champion.tags.get("gate.yardstick") == mine["yardstick"] and champion.run_id:
         try:
             theirs = load_features(_download(uri, run_id=champion.run_id, artifact_path=FEATURES_ARTIFACT,
@@ -351,8 +373,15 @@ def register(uri: str, cfg: Config, *, model_uri: str | Callable[[], str], run_i
                                 duplicate_of=str(held.version))
         champion = _current_champion(client, name)
         theirs, rescored = (None, False)
+        if champion is not None and "weights_sha256" not in champion.tags:   # from before digests
+            if _backfill_digest(client, uri, name, champion, Path(tmp) / "champion") == weights_sha256:
+                return Registration(name, str(champion.version), CHAMPION, None,
+                                    f"these weights are already registered as version "
+                                    f"{champion.version} (champion); nothing registered",
+                                    champion.source, run_id, duplicate_of=str(champion.version))
         if champion is not None:
-            theirs, rescored = _champion_features(uri, cfg, champion, mine, parts, Path(tmp), device)
+            theirs, rescored = _champion_features(uri, cfg, champion, mine, parts, Path(tmp) / "champion",
+                                                  device)
         logged = Path(tmp) / "log" / Path(FEATURES_ARTIFACT).name    # for the next gates to pair with
         logged.parent.mkdir()
         logged.write_bytes(Path(features_file).read_bytes())

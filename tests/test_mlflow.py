@@ -192,6 +192,13 @@ def test_the_same_weights_are_not_registered_again(server, registered):
     it, so the register stage names that version and creates none."""
     client = MlflowClient(server["url"])
     before = client.search_model_versions("name='digits-gen'")
+    v1 = registered["reg"]["version"]
+    digest = client.get_model_version("digits-gen", v1).tags["weights_sha256"]
+    # a champion registered before digests were recorded: its checkpoint is hashed, the tag filled in
+    client.delete_model_version_tag("digits-gen", v1, "weights_sha256")
+    backfilled = register_stage(registered["cfg"], flow_run_id="flow-run-again")
+    assert backfilled["duplicate_of"] == v1
+    assert client.get_model_version("digits-gen", v1).tags["weights_sha256"] == digest
     again = register_stage(registered["cfg"], flow_run_id="flow-run-again")
     assert again["duplicate_of"] == registered["reg"]["version"]
     assert f"already registered as version {registered['reg']['version']}" in again["reason"]
