@@ -108,6 +108,16 @@ def test_deployment_runs_train_register_then_cache_hits(deployment):
     versions = MlflowClient(registry["tracking_uri"]).search_model_versions("name='ddpm-mnist'")
     assert len(versions) == 1                                           # nothing registered twice
 
+    # a changed setting re-runs training, which resumes at step 10 of 10: nothing new is trained,
+    # the weights are version 1's, so evaluation and registration are skipped and said to be
+    third = run_deployment(root, env, FAST + ["train.log_every=5"])
+    assert third["state"].type.value == "COMPLETED", third["text"]
+    assert third["tasks"]["train"] == "Completed" and "evaluate" not in third["tasks"]
+    assert "register" not in third["tasks"]
+    assert len(MlflowClient(registry["tracking_uri"]).search_model_versions("name='ddpm-mnist'")) == 1
+    shown = (tmp / "serve.log").read_text()
+    assert "trained nothing new: step 10 was reached before and its weights are ddpm-mnist version 1" in shown
+
 
 def test_registrations_take_turns_on_a_prefect_global_concurrency_limit(deployment):
     """The first run's registration created the limit (limit 1); while one holder has the slot
