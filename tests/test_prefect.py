@@ -110,7 +110,7 @@ def test_deployment_runs_train_register_then_cache_hits(deployment):
 
     # a changed setting re-runs training, which resumes at step 10 of 10: nothing new is trained,
     # the weights are version 1's, so evaluation and registration are skipped and said to be
-    third = run_deployment(root, env, FAST + ["train.log_every=5"])
+    third = run_deployment(root, env, FAST + ["train.log_every=2"])
     assert third["state"].type.value == "COMPLETED", third["text"]
     assert third["tasks"]["train"] == "Completed" and "evaluate" not in third["tasks"]
     assert "register" not in third["tasks"]
