@@ -52,7 +52,10 @@ class Interrupted(KeyboardInterrupt):
 
 _requested = threading.Event()
 _signum: int | None = None
+_first_at = 0.0
 _deferring = 0
+_depth = 0
+REPEAT_S = 2.0     # the same signal again within this: one stop request delivered twice, not two
 
 
 def requested() -> bool:
@@ -66,11 +69,13 @@ def received() -> int | None:
 
 
 def _on_signal(signum: int, frame) -> None:
-    global _signum
+    global _signum, _first_at
     first = not _requested.is_set()
     if first:
-        _signum = signum
+        _signum, _first_at = signum, time.monotonic()
         _requested.set()
+    elif _deferring and signum == _signum and time.monotonic() - _first_at < REPEAT_S:
+        return       # e.g. a group kill that also reaches the job through make or the supervisor
     if first and _deferring:
         return                             # the training loop stops after its current step
     raise Interrupted(signum)
@@ -81,13 +86,19 @@ def handled() -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` during the block (in the main
     thread; elsewhere, where Python cannot install handlers, nothing changes); the previous
     handlers come back after it."""
+    global _signum, _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    if not _depth:                         # a new job in this process: no stop asked yet
+        _requested.clear()
+        _signum = None
     previous = {s: signal.signal(s, _on_signal) for s in SIGNALS}
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -127,19 +138,26 @@ def supervise(module: str) -> None:
     def forward(signum: int, frame) -> None:
         received.append(signum)
         first_at[:] = first_at or [time.monotonic()]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(job.pid, signum)
+        if job.returncode is None:             # not yet reaped: the pid is still the job's
+            with contextlib.suppress(ProcessLookupError):
+                job.send_signal(signum)
 
     for s in SIGNALS:
         signal.signal(s, forward)
+    killed = False
     while True:
         try:
             code = job.wait(timeout=0.5)
             break
         except subprocess.TimeoutExpired:
-            if first_at and time.monotonic() - first_at[0] > KILL_AFTER_S:
+            if first_at and not killed and time.monotonic() - first_at[0] > KILL_AFTER_S:
+                print(f"the job did not stop within {KILL_AFTER_S:.0f} s of the signal; killed it "
+                      "(its MLflow run may show RUNNING)", file=sys.stderr)
                 _end_session(job.pid, grace_s=0.0)
+                killed = True
     _end_session(job.pid, grace_s=LEFTOVER_GRACE_S)
+    if killed:
+        sys.exit(137)
     if code < 0:                           # the job died of a signal
         code = 128 - code
     if received and code not in (0, 128 + received[0]):

@@ -378,6 +378,8 @@ class EventRelay:
                     ray.get(self.channel.request_stop.remote(), timeout=30)
                     self.stop_sent = True
                 events = ray.get(self.channel.take.remote(), timeout=30)
+            except ray.exceptions.GetTimeoutError:
+                continue                       # a loaded machine: ask again, never give up here
             except Exception:   # noqa: BLE001 - the channel actor is gone (cluster shut down)
                 return
             for event in events:

@@ -91,13 +91,17 @@ def log_generator(uri: str, run_id: str, checkpoint: str | Path, steps: int = 10
     cfg = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
     example = (pd.DataFrame([{"num_images": 2, "class_label": 0 if cfg.model.num_classes else -1}]),
                {"steps": min(steps, cfg.diffusion.timesteps), "seed": 0})
-    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="generator", python_model=generator_model.__file__,
-            artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(Path(diffusion.__file__).parent)],
-            signature=generator_signature(cfg), input_example=example,
-            pip_requirements=pip_requirements())
+    try:
+        with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="generator", python_model=generator_model.__file__,
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(Path(diffusion.__file__).parent)],
+                signature=generator_signature(cfg), input_example=example,
+                pip_requirements=pip_requirements())
+    except BaseException:              # an interrupt or error here: the training itself finished
+        client_for(uri).set_terminated(run_id, "FINISHED")
+        raise
     return info.model_uri
 
 
@@ -129,16 +133,17 @@ def _current_champion(client: MlflowClient, name: str):
 
 
 def registered_version(client: MlflowClient, name: str, weights_sha256: str):
-    """The version of ``name`` that holds these weights, or None. Versions whose gate never
-    finished (``gate.status`` pending: the process died before the alias moved) do not count."""
+    """The version of ``name`` that holds these weights, or None. A version whose gate never
+    finished (``gate.status`` pending and no alias: the process died before the alias moved)
+    does not count."""
     try:
         found = client.search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha256}'")
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    done = [v for v in found if v.tags.get("gate.status") == "done"]
-    return min(done, key=lambda v: int(v.version)) if done else None
+    held = [v for v in found if v.tags.get("gate.status") != "pending" or v.aliases]
+    return min(held, key=lambda v: int(v.version)) if held else None
 
 
 # ---- the lock ------------------------------------------------------------------------------
@@ -171,11 +176,7 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _with_prefect() -> bool:
-    """Inside a Prefect flow or task run, or with a Prefect server configured (a CLI rollback or
-    a `dvc repro` register beside the deployments): take the server's limit too."""
-    if os.environ.get("PREFECT_API_URL"):
-        return True
+def _in_prefect_run() -> bool:
     if "prefect" not in sys.modules:
         return False
     from prefect.context import FlowRunContext, TaskRunContext
@@ -212,8 +213,17 @@ def _prefect_lock(name: str, timeout: float) -> Iterator[None]:
 def registry_lock(uri: str, name: str, timeout: float = 1800.0) -> Iterator[None]:
     """Registration, the gate and rollback of ``name`` run one at a time."""
     with contextlib.ExitStack() as stack:
-        if _with_prefect():
+        if _in_prefect_run():
             stack.enter_context(_prefect_lock(name, timeout))
+        elif os.environ.get("PREFECT_API_URL"):   # a CLI rollback or `dvc repro` beside deployments
+            try:
+                stack.enter_context(_prefect_lock(name, timeout))
+            except GateError:
+                raise
+            except Exception as exc:   # noqa: BLE001 - the server is down: this machine's lock only
+                print(f"warning: the Prefect server at PREFECT_API_URL did not answer "
+                      f"({type(exc).__name__}); the registry lock holds on this machine only",
+                      file=sys.stderr)
         stack.enter_context(_file_lock(_lock_file(uri, name), timeout))
         yield
 
@@ -244,6 +254,8 @@ def _backfill_digest(client: MlflowClient, uri: str, name: str, version, dst: Pa
     from diffusion.checkpoint import weights_sha256
     digest = weights_sha256(load_checkpoint(_checkpoint_of(uri, name, version, dst)))
     client.set_model_version_tag(name, version.version, "weights_sha256", digest)
+    if "gate.status" not in version.tags:
+        client.set_model_version_tag(name, version.version, "gate.status", "done")
     return digest
 
 

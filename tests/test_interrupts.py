@@ -86,8 +86,8 @@ def test_the_supervisor_relays_a_group_signal_to_the_job_only_and_ends_what_it_l
         from flows.interrupts import Interrupted, handled, supervise
         supervise("job")
         child = subprocess.Popen(["sleep", "300"])
-        print(os.getpid(), child.pid, flush=True)
         with handled():
+            print(os.getpid(), child.pid, flush=True)      # the handlers are in place
             try:
                 while True:
                     time.sleep(0.05)
