@@ -307,14 +307,21 @@ def init_ray(address: str | None = None) -> None:
     # ray.init replaces the process's SIGTERM handler with sys.exit; the job's own handler
     # (flows/interrupts.py: stop training at a step, checkpoint it) is put back after it
     keep = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local": always a new cluster of our own, even when `ray start` left one running here
-        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(),
-                 include_dashboard=False, log_to_driver=True)
-    if keep is not None:
-        signal.signal(signal.SIGTERM, keep)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # "local": always a new cluster of our own, even when `ray start` left one running here
+            ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(),
+                     include_dashboard=False, log_to_driver=True)
+    except SystemExit as exc:       # Ray's own SIGTERM handler fired while it was starting
+        if exc.code == signal.SIGTERM and callable(keep):
+            from flows.interrupts import Interrupted
+            raise Interrupted(signal.SIGTERM) from None
+        raise
+    finally:
+        if keep is not None:
+            signal.signal(signal.SIGTERM, keep)
 
 
 def cluster_name() -> str:
