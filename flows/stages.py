@@ -13,8 +13,11 @@ import os
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
+
+if __name__ == "__main__":      # the command (what `dvc repro` runs): a light parent relays signals
+    from flows.interrupts import supervise      # to the stage only, so Ray's processes stop in order
+    supervise("flows.stages")
 
 from diffusion.config import Config, ConfigError, load_config
 from diffusion.prepare import DataError, PrepareResult, dataset_version, prepare_from_config
