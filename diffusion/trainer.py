@@ -285,7 +285,8 @@ def train(cfg: Config, data: ImageSet, *, resume: bool = True, progress: bool = 
     finally:
         bar.close()
         prefetch.close()
-    if state.step == resumed_from:     # nothing left to train (steps or budget already spent)
+    stopped_before_training = out_of_time == "interrupt" and state.step == 0
+    if state.step == resumed_from and not stopped_before_training:  # nothing left to train
         if ctx.is_main and not ckpt_path.exists():
             save_training_checkpoint(state, cfg, ckpt_path)
         if on_checkpoint is not None:  # the caller still learns where the final checkpoint is

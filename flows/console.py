@@ -94,7 +94,7 @@ class Console:
         try:
             yield info
         except Interrupted as exc:
-            where = f" at step {exc.step}; checkpoint kept" if exc.step is not None else ""
+            where = f" at step {exc.step}; checkpoint kept" if exc.step else ""
             self.line(f"interrupted during [{name}]{where}")
             exc.reported = True
             raise

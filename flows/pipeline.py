@@ -212,7 +212,7 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
             if not exc.reported:
                 console().line("interrupted between stages")
             _stop_ray()
-            where = f" at step {exc.step} (checkpoint kept)" if exc.step is not None else ""
+            where = f" at step {exc.step} (checkpoint kept)" if exc.step else ""
             return Cancelled(message=f"{exc}{where}")
 
 

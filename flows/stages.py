@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         with handled():
             return _run_stage(args)
     except Interrupted as exc:
-        where = f" at step {exc.step}; checkpoint kept" if exc.step is not None else ""
+        where = f" at step {exc.step}; checkpoint kept" if exc.step else ""
         print(f"interrupted during the {args.stage} stage{where}", file=sys.stderr)
         return exc.exit_code
 
