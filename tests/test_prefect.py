@@ -6,6 +6,7 @@ run whose data fails validation ends FAILED with nothing registered."""
 import asyncio
 import contextvars
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from diffusion.checkpoint import checkpoint_step
 from tests.conftest import free_port
 from tests.helpers import make_project, wait_http
 
@@ -23,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 # training in-process keeps the suite short: the Ray path of the same train stage is exercised by
 # `dvc repro` (tests/data/test_dvc.py) and tests/test_ray.py
 FAST = ["evaluate.fid_samples=100", "evaluate.fid_seeds=2", "ray.enabled=false"]
+
+
+SERVED: dict = {}           # the `python -m flows.serve` process of the module's fixture
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +49,7 @@ def deployment(tmp_path_factory):
         wait_http(f"http://127.0.0.1:{port}/api/health", server, timeout=180)
         served = subprocess.Popen([sys.executable, "-m", "flows.serve", "--name", "test"], cwd=root,
                                   env=env, stdout=logs[1], stderr=subprocess.STDOUT)
+        SERVED["process"] = served
         deadline = time.time() + 120
         while time.time() < deadline:               # the deployment exists once serve registered it
             out = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "ddpm-pipeline/test"],
@@ -192,3 +198,36 @@ def test_kubernetes_work_pool_template_is_accepted_by_the_server(deployment):
                           "--base-job-template", str(root / "params.yaml")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
+
+
+def test_sigterm_to_the_served_deployment_ends_its_run_in_order(deployment):
+    """Last in the module: it stops the served deployment. SIGTERM while a run trains: the run
+    stops at a step with a checkpoint of it, its MLflow run ends KILLED and the flow run
+    Cancelled (or Crashed), and `python -m flows.serve` exits."""
+    root, env, tmp = deployment
+    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ddpm-pipeline/test", "--param",
+                          "overrides=" + json.dumps(FAST + ["train.steps=100000", "train.log_every=5",
+                                                            "train.out_dir=runs/long"])],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    flow_run_id = next(line.split("UUID:")[1].strip() for line in out.stdout.splitlines() if "UUID:" in line)
+    metrics = root / "runs" / "long" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.is_file() and metrics.read_text().strip()):      # training has reached a step
+        assert time.time() < deadline, (tmp / "serve.log").read_text()[-5000:]
+        time.sleep(1)
+    served = SERVED["process"]
+    served.send_signal(signal.SIGTERM)
+    served.wait(timeout=180)
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    shown = (tmp / "serve.log").read_text()
+    assert state.type.value in ("CANCELLED", "CRASHED"), shown[-5000:]
+    step = checkpoint_step(root / "runs" / "long" / "checkpoint.pt")
+    assert step is not None and step >= 5, shown[-5000:]
+    store = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()],
+                             filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    assert [r.info.status for r in runs] == ["KILLED"], shown[-5000:]
