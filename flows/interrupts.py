@@ -183,8 +183,9 @@ def _parent_death_signal():
     return preexec
 
 
-def session_processes(sid: int) -> list[int]:
-    """The live (not zombie) processes of session ``sid``, from Linux's /proc (elsewhere none)."""
+def _live_processes(field: int, value: int) -> list[int]:
+    """The live (not zombie) processes whose /proc stat ``field`` (1 ppid, 3 session) is
+    ``value``, from Linux's /proc (elsewhere none)."""
     pids = []
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
@@ -195,9 +196,27 @@ def session_processes(sid: int) -> list[int]:
                     fields = f.read().rpartition(")")[2].split()
             except OSError:
                 continue
-            if fields[0] != "Z" and int(fields[3]) == sid:   # state, ppid, pgrp, session
+            if fields[0] != "Z" and int(fields[field]) == value:   # state, ppid, pgrp, session
                 pids.append(int(entry))
     return pids
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session ``sid``."""
+    return _live_processes(3, sid)
+
+
+def stop_children(grace_s: float) -> None:
+    """SIGTERM this process's children and wait up to ``grace_s`` for them to exit (each stops
+    in order on it: :func:`handled`); a served deployment does this before it exits."""
+    children = _live_processes(1, os.getpid())
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while children and time.monotonic() < deadline:
+        time.sleep(0.2)
+        children = [pid for pid in children if pid in _live_processes(1, os.getpid())]
 
 
 def _end_session(sid: int, grace_s: float) -> None:

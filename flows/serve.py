@@ -18,6 +18,26 @@ from prefect import serve
 from flows.pipeline import ddpm_pipeline, ddpm_rollback
 
 
+STOP_RUNS_S = 90.0      # how long a SIGTERMed serve waits for its runs to stop in order
+
+
+def _stop_runs_first() -> None:
+    """Prefect 3.8.8's runner answers SIGTERM with ``sys.exit(0)``: its flow-run processes were
+    left running and their runs RUNNING. Before that, send each run's process SIGTERM (it stops
+    at a step, checkpoints, ends its MLflow run KILLED and its flow run Cancelled) and wait."""
+    from prefect.runner.runner import Runner
+    original = Runner.handle_sigterm
+    if getattr(original, "stops_runs_first", False):
+        return
+
+    def handle_sigterm(self, *args, **kwargs):
+        from flows.interrupts import stop_children
+        stop_children(STOP_RUNS_S)
+        original(self, *args, **kwargs)
+    handle_sigterm.stops_runs_first = True
+    Runner.handle_sigterm = handle_sigterm
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cron", default=None, help="optional schedule, e.g. '0 3 * * *'")
     parser.add_argument("--params", default="params.yaml", help="default params file of the runs")
     args = parser.parse_args(argv)
+    _stop_runs_first()
     serve(ddpm_pipeline.to_deployment(name=args.name, cron=args.cron,
                                       parameters={"params_file": args.params}, tags=["ddpm"],
                                       description="DVC data -> Ray training -> FID -> MLflow gate"),
