@@ -20,7 +20,6 @@ import datetime
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from diffusion.features import load_domain_extractor, save_classifier, train_cla
 from diffusion.data import load_prepared  # noqa: E402
 from diffusion.gate import compare  # noqa: E402
 from diffusion.hardware import cpu_description  # noqa: E402
+from diffusion.hardware import cpu_flags as hardware_cpu_flags  # noqa: E402
 from diffusion.prepare import prepare_from_config  # noqa: E402
 from diffusion.trainer import train  # noqa: E402
 
@@ -45,12 +45,8 @@ RESULTS = ROOT / "bench" / "results_gate_cpu.json"
 
 
 def cpu_flags() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
-        flags = next(line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags"))
-        return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
-    except (OSError, StopIteration):
-        return "unknown"
+    """The SIMD flags that decide precision here (from /proc/cpuinfo, as the probe reads them)."""
+    return " ".join(sorted(f for f in hardware_cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4"))))
 
 
 def main() -> None:
