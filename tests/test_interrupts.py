@@ -1,26 +1,24 @@
 """Stopping a run (flows/interrupts.py): SIGINT, SIGTERM and SIGHUP stop training after the
 current step with a checkpoint of it, end the MLflow run KILLED (the real SQLite store) and
 the Prefect flow run Cancelled (the real Prefect database), leave no process of the job behind,
-exit 128 + the signal's number, and the next run resumes from the step reached. The main job is
-interrupted for real, on a real local Ray cluster, as a terminal does it: the signal goes to the
-command's whole process group."""
+exit 128 + the signal's number, and the next run resumes from the step reached. The main job on
+a real local Ray cluster gets its Ctrl-C in tests/test_first_run.py (a first run, stopped, then
+resumed to the end); here the train stage as `dvc repro` runs it, and the supervisor."""
 
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import pytest
 from mlflow import MlflowClient
 
 from diffusion.checkpoint import checkpoint_step
 from flows.interrupts import session_processes
-from tests.helpers import REPO, digits_dir, make_project
+from tests.helpers import REPO, digits_dir
 
 EXIT_WITHIN_S = 90          # not a speed check: the command exits (it once hung for minutes); past
                             # the supervisor's 60 s, so a forced kill shows as exit 137
@@ -144,56 +142,3 @@ def test_a_signal_stops_in_process_training_at_the_step_reached(tmp_path, sig):
         code = again.returncode
         assert code == 0 and f"  train: resuming from step {step}\n" in shown, shown
         assert checkpoint_step(tmp_path / "out" / "checkpoint.pt") == step + 5
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(2400)      # two main-job runs on a loaded 2-core machine
-def test_ctrl_c_then_sigterm_during_ray_training_of_the_main_job(tmp_path):
-    """The main job (`python -m flows.pipeline`, Ray training with two workers): Ctrl-C once a
-    step was reported stops it in order; the re-run resumes from that step, and SIGTERM stops
-    that one further on (the same path, as a node being drained sends it)."""
-    root, env = make_project(tmp_path)
-    marker = f"DDPM_TEST_JOB={uuid.uuid4().hex}"
-    env = {**env, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(root),
-           "GLOO_SOCKET_IFNAME": "lo", marker.split("=")[0]: marker.split("=")[1]}
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "flows.pipeline", "--no-push", "train.steps=100000",
-           "train.log_every=5", "train.checkpoint_every=100000", "extractor.epochs=2",
-           "extractor.min_accuracy=0"]
-    checkpoint = root / "runs" / "default" / "checkpoint.pt"
-
-    def run(sig: signal.Signals, after: str) -> tuple[int, str, float]:
-        lines: list[str] = []
-        proc = subprocess.Popen(cmd, cwd=root, env=env, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _read_until(proc, lines, after, timeout=600)
-            _read_until(proc, lines, r"^  train: step \d+", timeout=300)
-            os.killpg(proc.pid, sig)                         # as a terminal signals its job
-            code, seconds = _finish(proc, lines)
-        finally:                                             # a failed step leaves nothing running
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-        return code, "".join(lines), seconds
-
-    code, shown, seconds = run(signal.SIGINT, r"^\[train\] started")
-    assert code == 130, shown
-    first = _interrupted_at(shown)
-    assert checkpoint_step(checkpoint) == first and first >= 5
-    assert "error" not in shown and "Traceback" not in shown
-    assert _processes_with(marker) == []                     # Ray, Prefect's server: all gone
-
-    code, shown, seconds = run(signal.SIGTERM, rf"^  train: resuming from step {first}$")
-    assert code == 143, shown
-    second = _interrupted_at(shown)
-    assert second > first and checkpoint_step(checkpoint) == second
-    assert _processes_with(marker) == []
-
-    store = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
-    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
-    assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
-    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
-        states = [s for (s,) in db.execute("SELECT state_type FROM flow_run ORDER BY created")]
-    assert states == ["CANCELLED", "CANCELLED"]

@@ -40,8 +40,19 @@ def test_two_workers_match_one_process_with_double_batch(tmp_path):
     cfg = load_config(None, BASE + cpu + ["train.steps=4", "train.batch_size=8",
                                           f"ray.storage_path={tmp_path / 'ray'}", "ray.run_name=r1",
                                           f"train.out_dir={tmp_path / 'out'}"])
-    result = ray_train(cfg, on_event=events.append)
-    assert result.step == 4 and result.checkpoint.exists()
+    # the job's own SIGTERM and SIGINT handlers (flows/interrupts.py) outlive ray.init, which
+    # installs one that exits, and Ray Train's fit(), which installs one that kills the workers
+    import signal
+    ours = {sig: (lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    before = {sig: signal.signal(sig, handler) for sig, handler in ours.items()}
+    ray.shutdown()                                      # init_ray starts the cluster under them
+    try:
+        result = ray_train(cfg, on_event=events.append, should_stop=lambda: False)
+        assert {sig: signal.getsignal(sig) for sig in ours} == ours
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert result.step == 4 and result.checkpoint.exists() and result.stopped_by == "steps"
     assert [e for e in events if e["kind"] == "scaling"] == [{
         "kind": "scaling", "workers": 2, "use_gpu": False,
         "reason": "2 CPU workers (as configured; ray.use_gpu = false)" if cpu else
