@@ -26,8 +26,10 @@ $(STAMP): requirements.lock pyproject.toml
 pipeline: $(STAMP)
 	$(PY) -m flows.pipeline --params params.yaml $(ARGS)
 
+# The test files run on pytest-xdist workers, one per CPU as memory allows (tests/conftest.py),
+# each file whole on one worker (its module fixtures: one server, one cluster), slowest first.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25 $(ARGS)
+	$(PY) -m pytest -q --durations=25 -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/bench_train.py $(ARGS)

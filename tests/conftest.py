@@ -1,5 +1,8 @@
+import os
 import socket
 import subprocess
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,28 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BUILD_OUTPUTS = (".venv/", ".pytest_cache/")      # what `make test` itself creates
 _TREE = pytest.StashKey[set | None]()
+WORKER_MEMORY_GIB = 6       # a worker's heaviest file at its peak (a Ray cluster training beside an
+                            # MLflow or Prefect server); measured in tests/README.md
+
+# `make test` runs the files on pytest-xdist workers (one per CPU, as memory allows). Each worker
+# gets a Prefect home of its own: two temporary Prefect servers on one SQLite file lock each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU this process may use, no more than memory holds."""
+    cpus = len(os.sched_getaffinity(0))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(cpus, int(memory // WORKER_MEMORY_GIB)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with more tests marked ``slow`` first, the rest in their order: with the files handed
+    out whole to the workers (``--dist loadfile``), the long ones start at once and the short
+    ones fill in at the end."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])        # stable: a file's tests stay together
 
 
 def _working_tree() -> set[str] | None:
@@ -24,13 +49,20 @@ def _working_tree() -> set[str] | None:
             and ".egg-info/" not in line}
 
 
+def _controller(config) -> bool:
+    return not hasattr(config, "workerinput")      # not one of pytest-xdist's workers
+
+
 def pytest_sessionstart(session):
-    session.config.stash[_TREE] = _working_tree()
+    if _controller(session.config):
+        session.config.stash[_TREE] = _working_tree()
 
 
 def pytest_sessionfinish(session, exitstatus):
     """No test leaves files in the repository's working tree: every test writes under its own
     temporary directory (fails the run, naming what appeared)."""
+    if not _controller(session.config):          # the controller checks once every worker is done
+        return
     before, after = session.config.stash.get(_TREE, None), _working_tree()
     if before is None or after is None or session.config.option.collectonly:
         return

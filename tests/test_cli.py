@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -24,6 +25,7 @@ def test_help_explains_every_option():
         assert word in sample_help
 
 
+@pytest.mark.slow
 def test_train_then_sample_writes_a_grid(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(f"data: {{source: digits, resolution: 8, prepared_dir: {tmp_path / 'data' / 'prepared'}, "
@@ -54,6 +56,7 @@ def test_train_then_sample_writes_a_grid(tmp_path):
     assert np.array_equal(img, np.asarray(Image.open(again)))    # same seed, same pixels
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_a_named_cause(tmp_path):
     out = run("train", "--params", str(tmp_path / "none.yaml"))
     assert out.returncode == 2 and "none.yaml: file not found" in out.stderr

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -175,6 +174,7 @@ def train_on_cluster(project, cluster, tmp_path, *extra):
     return done, (json.loads(run_json.read_text()) if done.returncode == 0 else None)
 
 
+@pytest.mark.slow
 @needs_unshare
 def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, tmp_path):
     """Both workers on the node that cannot see data/: one downloads from S3, the other waits
@@ -220,6 +220,7 @@ def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, 
     assert len((cache / "downloads.log").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 @needs_unshare
 def test_a_version_missing_on_the_remote_fails_before_training(project, cluster, tmp_path):
     other = project["root"] / "data" / "other"     # prepared, never pushed; hidden from the node
@@ -236,6 +237,7 @@ def test_a_version_missing_on_the_remote_fails_before_training(project, cluster,
     assert not list((tmp_path / "ray").rglob("checkpoint.pt"))            # nothing was trained
 
 
+@pytest.mark.slow
 @needs_unshare
 def test_a_worker_with_other_code_refuses_to_train(project, cluster, tmp_path):
     done, _ = train_on_cluster(project, cluster, tmp_path, "ray.worker_resources=[stale=1]",

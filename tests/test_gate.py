@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from diffusion.config import load_config
-from diffusion.evaluate import YARDSTICK_PARTS, Reference, save_features, yardstick
+from diffusion.evaluate import Reference, save_features, yardstick
 from flows.registry import CHALLENGER, CHAMPION, GateError, register, rollback
 from flows.tracking import client_for, experiment_id, tracking_uri
 
@@ -149,6 +149,7 @@ def test_bad_evaluation_input_names_the_missing_part(store):
     assert versions(store) == []
 
 
+@pytest.mark.slow
 def test_rollback_moves_the_champion_back_and_records_why(store):
     cfg, uri, _ = store
     register(uri, cfg, **candidate(store, 0.6))

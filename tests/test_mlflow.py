@@ -112,6 +112,7 @@ def registered(server, tmp_path_factory):
     return {"cfg": cfg, "trained": trained, "metrics": metrics, "reg": reg, "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_run_logs_params_metrics_images_and_artifacts_to_s3(server, registered):
     client = MlflowClient(server["url"])
     run = client.get_run(registered["trained"]["mlflow_run_id"])
@@ -258,6 +259,7 @@ def test_champion_loads_in_a_fresh_process_and_is_seed_deterministic(server, reg
     assert np.array_equal(a[:3], to_uint8(ref).permute(0, 2, 3, 1).numpy())
 
 
+@pytest.mark.slow
 def test_models_serve_answers_invocations(server, registered, tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -317,6 +319,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_the_ui_gets_training_runs_with_datasets_sources_and_decisions(server, registered):
     """After a second training run and registration, what the MLflow UI shows, read back with
     MlflowClient in another process: a model-training experiment, MLflow's source tags, the DVC

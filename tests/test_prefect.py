@@ -90,6 +90,7 @@ def run_deployment(root, env, overrides) -> dict:
             "tasks": {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}, "id": flow_run_id}
 
 
+@pytest.mark.slow
 def test_deployment_runs_train_register_then_cache_hits(deployment):
     root, env, tmp = deployment
     first = run_deployment(root, env, FAST)
@@ -125,6 +126,7 @@ def test_deployment_runs_train_register_then_cache_hits(deployment):
     assert "trained nothing new: step 10 was reached before and its weights are ddpm-mnist version 1" in shown
 
 
+@pytest.mark.slow
 def test_registrations_take_turns_on_a_prefect_global_concurrency_limit(deployment):
     """The first run's registration created the limit (limit 1); while one holder has the slot
     another cannot take it; a rollback deployment with a version that does not exist fails with
@@ -163,6 +165,7 @@ def test_registrations_take_turns_on_a_prefect_global_concurrency_limit(deployme
     assert store.get_model_version_by_alias("ddpm-mnist", "champion").version == champion
 
 
+@pytest.mark.slow
 def test_failing_validation_fails_the_run_and_registers_nothing(deployment):
     root, env, tmp = deployment
     store = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
@@ -200,6 +203,7 @@ def test_kubernetes_work_pool_template_is_accepted_by_the_server(deployment):
     assert bad.returncode != 0
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_served_deployment_ends_its_run_in_order(deployment):
     """Last in the module: it stops the served deployment. SIGTERM while a run trains: the run
     stops at a step with a checkpoint of it, its MLflow run ends KILLED and the flow run

@@ -27,6 +27,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_process_with_double_batch(tmp_path):
     # 2 workers x batch 8 train on exactly the samples of 1 process x batch 16 (the library draws
     # every step's samples for the whole global batch); DDP averages the same gradients, so the
@@ -117,13 +118,18 @@ def test_evaluate_as_a_ray_task_writes_what_the_local_stage_writes(tmp_path):
     assert not (tmp_path / "ref2").exists()        # the task's reference statistics stay there
 
 
-def _worker_pids():
+def _worker_pids(marker: str) -> list[int]:
+    """Ray Train workers of this test's own cluster (its processes inherit ``marker`` in their
+    environment; a test running beside this one has Ray Train workers of its own)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"RayTrainWorker" in f.read():
+                    if b"RayTrainWorker" not in f.read():
+                        continue
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read().split(b"\0"):
                         pids.append(int(entry))
             except OSError:
                 pass
@@ -137,16 +143,20 @@ def _registered_checkpoint(snapshot):
         return False
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_resumes_from_last_checkpoint(tmp_path):
     import signal
     import threading
     import time
+    import uuid
     ray.shutdown()
+    marker = f"DDPM_TEST_CLUSTER={uuid.uuid4().hex}"     # the cluster started below inherits it
+    os.environ["DDPM_TEST_CLUSTER"] = marker.split("=")[1]
     cfg = load_config(None, BASE + ["train.steps=400", "train.batch_size=32", "train.checkpoint_every=25",
                                     "train.log_every=25", "ray.num_workers=2", "ray.max_failures=2",
                                     f"ray.storage_path={tmp_path / 'ray'}", "ray.run_name=ft",
                                     f"train.out_dir={tmp_path / 'out'}"])
-    stale = set(_worker_pids())                           # workers of earlier tests still exiting
+    stale = set(_worker_pids(marker))                           # workers of earlier tests still exiting
     box = {}
     thread = threading.Thread(target=lambda: box.update(result=ray_train(cfg)), daemon=True)
     thread.start()
@@ -157,7 +167,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(tmp_path):
     while time.time() < deadline and not _registered_checkpoint(snapshot):
         time.sleep(0.2)
     assert _registered_checkpoint(snapshot), "no checkpoint was registered in time"
-    pids = [p for p in _worker_pids() if p not in stale]
+    pids = [p for p in _worker_pids(marker) if p not in stale]
     assert pids, "no RayTrainWorker process found"
     os.kill(pids[-1], signal.SIGKILL)                     # like a spot pre-emption or the OOM killer
     thread.join(timeout=400)
@@ -168,6 +178,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(tmp_path):
     assert result.metrics["resumed_from"] >= 25 and result.metrics["resumed_from"] % 25 == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no CUDA device")
 def test_a_gpu_that_torch_cannot_see_is_named_not_a_stack_trace(tmp_path):
     # a Ray node that declares a GPU on a machine whose torch has no CUDA (a CPU image on a GPU

@@ -27,6 +27,7 @@ def files_of(directory):
             for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_repro_versions_the_data_and_local_remote_round_trips(project):
     root, env = project
     # in-process training: the Ray path of the same stage function runs in test_first_run.py (the
@@ -64,6 +65,7 @@ def test_repro_versions_the_data_and_local_remote_round_trips(project):
     assert files_of(root / "data" / "prepared") == before
 
 
+@pytest.mark.slow
 def test_push_to_s3_and_pull_into_a_fresh_clone(project, s3_env, tmp_path):
     root, env = project
     env = {**env, **s3_env}
