@@ -37,8 +37,16 @@ if __name__ == "__main__":      # the command: a light parent that relays signal
     from flows.interrupts import supervise
     supervise("flows.sweep")
 
-from diffusion.config import Config, ConfigError, config_from_dict, load_config
-from diffusion.search import draw_points, point_label, trial_config
+# no usage reporting from offline machines; a first ephemeral server start outlasts 20 s on 2 cores
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+# a snapshot of Tune's state per reported checkpoint is what resuming needs (each ~10 ms): no warning
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+from prefect import flow  # noqa: E402
+
+from diffusion.config import Config, ConfigError, config_from_dict, load_config  # noqa: E402
+from diffusion.search import draw_points, point_label, trial_config  # noqa: E402
 
 FLOW_NAME = "ddpm-sweep"
 DIVERGED_FID = 1e6        # what a trial whose loss became NaN reports, so that ASHA ranks it last
@@ -477,13 +485,6 @@ def register_best(best: Config, search: SearchResult, flow_run_id: str | None = 
 
 # ------------------------------------------------------------------------------ flow and command
 
-def _prefect():
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    import prefect
-    return prefect
-
-
 def _trial_line(event: dict) -> str | None:
     """The console's line for a trial event (results are not shown: one line per trial end)."""
     if event["kind"] == "end":
@@ -534,27 +535,10 @@ def sweep_flow_body(params_file: str, overrides: list[str] | None) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def ddpm_sweep_flow():
-    """The Prefect flow ``ddpm-sweep`` (built on first use: Prefect is imported only here)."""
-    global _FLOW
-    if _FLOW is None:
-        prefect = _prefect()
-
-        @prefect.flow(name=FLOW_NAME, log_prints=True)
-        def ddpm_sweep(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-            """A budgeted Ray Tune search over sweep.space; the best trial through the champion gate."""
-            return sweep_flow_body(params_file, overrides)
-        _FLOW = ddpm_sweep
-    return _FLOW
-
-
-_FLOW = None
-
-
-def __getattr__(name: str):          # `flows/sweep.py:ddpm_sweep` for prefect.yaml and serve
-    if name == "ddpm_sweep":
-        return ddpm_sweep_flow()
-    raise AttributeError(name)
+@flow(name=FLOW_NAME, log_prints=True)
+def ddpm_sweep(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """A budgeted Ray Tune search over sweep.space; the best trial through the champion gate."""
+    return sweep_flow_body(params_file, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,8 +575,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from flows.console import console
     out = console()
-    flow = ddpm_sweep_flow()
-    state = flow(args.params, args.overrides, return_state=True)
+    from prefect.settings import PREFECT_API_URL
+    api = PREFECT_API_URL.value()
+    out.line(f"Prefect: {api}" if api else "Prefect: starting a temporary API server")
+    try:
+        state = ddpm_sweep(args.params, args.overrides, return_state=True)
+    except Exception as exc:      # Prefect itself could not start
+        out.error(f"{FLOW_NAME} could not run: {type(exc).__name__}: {str(exc)[:2000]}")
+        return 1
     if not state.is_completed():
         out.error(f"{FLOW_NAME} ended {state.name}: {state.message}")
         return 1
