@@ -155,7 +155,12 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="quick_fid",
                                                         checkpoint_score_order="min"),
                 failure_config=tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        track.close_unfinished()
+        client.set_terminated(parent, "FAILED")
+        raise
     rows = trial_rows(grid, track)
     from flows import interrupts
     statuses = [t.status for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []]
@@ -165,6 +170,10 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
         track.close_unfinished()
         client.set_terminated(parent, "KILLED")
         raise interrupts.Interrupted(interrupts.received() or 2)
+    for row in rows:            # stopped by the time budget: Tune calls no callback for those
+        if row["stop_reason"] == "unknown":
+            track.end_stopped(row["trial_id"], "budget")
+            row["stop_reason"] = "budget"
     scored = [r for r in rows if r.get("checkpoint")]
     best = min(scored, key=lambda r: r["best_quick_fid"]) if scored else None
     log_parent(client, parent, rows, best)

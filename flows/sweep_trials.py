@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -79,7 +80,7 @@ def sweep_trial(config: dict, setup: dict) -> None:
                      **progress(step)}, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
     try:
-        train(cfg, load_dataset(cfg.data), progress=False, on_metrics=lambda s, m: last.update(m),
+        train(cfg, load_dataset(cfg.data), progress=False, on_metrics=lambda s, m: last.update(m, step=s),
               on_checkpoint=on_checkpoint)
     except NonFiniteLossError as exc:       # a finished trial, ranked last; no checkpoint to keep
         tune.report({"quick_fid": DIVERGED_FID, "yardstick": "", "diverged": True, "error": str(exc),
@@ -107,6 +108,7 @@ class SweepTracker:
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict] = {}
         self.reasons: dict[str, str] = {}
+        self.yardsticks: set[str] = set()
         self._client = None
 
     def __getstate__(self) -> dict:                  # Tune pickles its callbacks with the experiment
@@ -165,7 +167,13 @@ class SweepTracker:
             values["quick_fid"] = result["quick_fid"]
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()
                    if v is not None and math.isfinite(float(v))]
-        self.client.log_batch(self.child(trial), metrics=metrics)
+        run_id = self.child(trial)
+        self.client.log_batch(run_id, metrics=metrics)
+        stick = result.get("yardstick")
+        if stick and stick not in self.yardsticks:     # every trial should report the same one
+            self.yardsticks.add(stick)
+            self.client.set_tag(run_id, "quick_fid_yardstick", stick)
+            self.client.set_tag(self.parent, "quick_fid_yardsticks", ",".join(sorted(self.yardsticks)))
         self._emit({"kind": "result", "trial_id": trial.trial_id, "index": trial.config["trial"]["index"],
                     **{k: result.get(k) for k in ("step", "quick_fid", "train_minutes", "diverged")}})
 
@@ -196,6 +204,14 @@ class SweepTracker:
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error = str(getattr(trial, "error_msg", "") or "")
         self._end(trial, "error", "FAILED", error or "the trial failed (see the log file)")
+
+    def end_stopped(self, trial_id: str, reason: str) -> None:
+        """A trial Tune stopped without a callback (its time budget stops every running trial)."""
+        run_id = self.runs.get(trial_id)
+        self.reasons[trial_id] = reason
+        if run_id is not None:
+            self.client.set_tag(run_id, "stop_reason", reason)
+            self.client.set_terminated(run_id, "FINISHED")
 
     def close_unfinished(self) -> None:
         """After an interrupted sweep: the child runs of trials that will resume end KILLED."""
@@ -241,7 +257,7 @@ def trial_rows(grid, track: SweepTracker) -> list[dict]:
     rows = []
     for result in grid:
         trial_cfg = result.config["trial"]
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(Path(result.path).name)
         if trial_id not in track.reasons:                # finished in an earlier run of this sweep
             run = track.lookup(trial_id)
             if run is not None:
@@ -262,6 +278,13 @@ def trial_rows(grid, track: SweepTracker) -> list[dict]:
                      "checkpoint": best_ckpt.path if best_ckpt else None,
                      "mlflow_run_id": track.runs.get(trial_id)})
     return sorted(rows, key=lambda r: r["index"])
+
+
+def _trial_id_of(dirname: str) -> str:
+    """The trial id in a Tune trial directory's name (``sweep_trial_4e306_00001_1_...``), for a
+    trial that reported nothing."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", dirname)
+    return found.group(1) if found else dirname
 
 
 def log_parent(client, parent: str, rows: list[dict], best: dict | None) -> None:
