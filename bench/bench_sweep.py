@@ -3,7 +3,7 @@ the same trials and seed, ``sweep.budget_minutes`` each, on packaged MNIST with 
 extractor; records the best quick FID found, the trials started and how each ended, one JSON line
 per scheduler in bench/results_sweep_cpu.jsonl.
 
-    python bench/bench_sweep.py [--minutes 4] [--trial-minutes 1] [--trials 8]
+    python bench/bench_sweep.py [--minutes 4] [--trial-minutes 1] [--trials 8] [--checkpoint-every 10]
 
 Only the search is timed (no full evaluation or registration). Prepares MNIST and trains the
 extractor under --work first (not timed).
@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=4.0, help="sweep.budget_minutes of each search")
     parser.add_argument("--trial-minutes", type=float, default=1.0, help="train.budget_minutes of a trial")
     parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="steps between quick FIDs")
+    parser.add_argument("--quick-fid-samples", type=int, default=100)
+    parser.add_argument("--grace-minutes", type=float, default=0.25)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-sweep")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -46,7 +49,8 @@ def main() -> None:
             f"tracking.local_dir={work / 'mlflow'}", "tracking.experiment=bench-sweep",
             f"sweep.storage_path={work / 'tune'}", f"sweep.budget_minutes={args.minutes}",
             f"sweep.trials={args.trials}", f"train.budget_minutes={args.trial_minutes}",
-            "train.checkpoint_every=40", f"sweep.grace_minutes={args.trial_minutes / 4:g}",
+            f"train.checkpoint_every={args.checkpoint_every}", f"sweep.grace_minutes={args.grace_minutes}",
+            f"sweep.quick_fid_samples={args.quick_fid_samples}", "train.log_every=5",
             "train.precision=fp32"]
     from flows.stages import extractor_stage, prepare_stage
     cfg = load_config(ROOT / "params.yaml", base)
@@ -70,6 +74,7 @@ def main() -> None:
                   "best_point": search.best and search.best["point"],
                   "steps_trained": sum(r["steps"] for r in search.trials),
                   "quick_fid_samples": cfg.sweep.quick_fid_samples, "seconds": round(seconds, 1),
+                  "checkpoint_every": cfg.train.checkpoint_every, "grace_minutes": cfg.sweep.grace_minutes,
                   "trials": [{k: r[k] for k in ("index", "point", "stop_reason", "steps", "best_quick_fid")}
                              for r in search.trials]}
         print(json.dumps(record))
