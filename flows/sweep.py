@@ -157,9 +157,9 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
                 failure_config=tune.FailureConfig(max_failures=0)))
     try:
         grid = tuner.fit()
-    except BaseException:
+    except BaseException as exc:
         track.close_unfinished()
-        client.set_terminated(parent, "FAILED")
+        client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     rows = trial_rows(grid, track)
     from flows import interrupts
@@ -177,6 +177,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     scored = [r for r in rows if r.get("checkpoint")]
     best = min(scored, key=lambda r: r["best_quick_fid"]) if scored else None
     log_parent(client, parent, rows, best)
+    client.set_terminated(parent, "FINISHED")
     return SearchResult(name, path, parent, uri, rows, best, restored, time.perf_counter() - started)
 
 
