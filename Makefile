@@ -9,7 +9,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: env pipeline test bench lock clean
+.PHONY: env pipeline sweep test bench lock clean
 
 env: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 pipeline: $(STAMP)
 	$(PY) -m flows.pipeline --params params.yaml $(ARGS)
+
+# A budgeted Ray Tune search over params.yaml's sweep.space; the best trial through the gate.
+sweep: $(STAMP)
+	$(PY) -m flows.sweep --params params.yaml $(ARGS)
 
 # The test files run on pytest-xdist workers, one per CPU as memory allows (tests/conftest.py),
 # each file whole on one worker (its module fixtures: one server, one cluster), slowest first.

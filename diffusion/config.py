@@ -46,6 +46,7 @@ Spacing = Literal["linspace", "trailing"]
 MemoryFormat = Literal["auto", "contiguous", "channels_last"]
 PrepareEngine = Literal["local", "ray"]
 ExtractorKind = Literal["domain", "inception"]
+SweepScheduler = Literal["asha", "none"]
 Auto = Literal["auto"]
 
 
@@ -177,6 +178,26 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """A budgeted hyper-parameter search (flows/sweep.py); decides no single model, so it is not
+    part of :meth:`Config.hash`. ``space`` maps a config key path to a list of choices or to
+    ``{low, high, log}`` for a number, each checked against that key's type and range."""
+    space: dict = field(default_factory=dict)    # section.key -> [choices] | {low, high, log}
+    trials: int = _bound(8, ge=1)                # trials drawn from the space (seeded, stratified)
+    budget_minutes: float = _bound(20.0, gt=0.0)  # wall clock of the whole search
+    scheduler: SweepScheduler = "asha"           # asha: stop weak trials early | none: run all to the end
+    grace_minutes: float = _bound(1.0, gt=0.0)   # training minutes a trial gets before ASHA may stop it
+    reduction_factor: float = _bound(2.0, gt=1.0)  # ASHA keeps 1 / this many at each rung
+    quick_fid_samples: int = _bound(200, ge=2)   # samples per quick FID (one seed, fp32, evaluate.sampler)
+    max_concurrent: Auto | int = _bound("auto", ge=1)  # auto: cluster CPUs (GPUs) / per trial, >= 1
+    cpus_per_trial: float = _bound(1.0, gt=0.0)
+    gpus_per_trial: float = _bound(0.0, ge=0.0)  # > 0: trials train on GPUs
+    seed: int = _bound(0, ge=0)                  # draws the trials' points from the space
+    storage_path: str = "runs/sweep"             # Tune's experiment; a re-run of the same name resumes it
+    name: str = "default"
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -186,6 +207,7 @@ class Config:
     extractor: ExtractorConfig = ExtractorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -198,6 +220,7 @@ class Config:
     def hash(self, exclude: typing.Iterable[str] = ()) -> str:
         """sha256 of the canonical JSON of the tree, without the dotted key paths in ``exclude``."""
         tree = self.to_dict()
+        tree.pop("sweep")
         for dotted in exclude:
             section, key = dotted.split(".")
             tree[section].pop(key, None)
@@ -300,6 +323,10 @@ def _build_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
     if not isinstance(raw, dict):
         errors.append(f"{path} = {raw!r}: expected a mapping of keys for section '{path}'")
         return cls()
+    if cls is SweepConfig and "space" in raw:
+        space = _check_space(raw["space"], errors)
+        return dataclasses.replace(_build_section(cls, {k: v for k, v in raw.items() if k != "space"},
+                                                  path, errors), space=space)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
@@ -319,6 +346,54 @@ def _build_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
 
 _SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name]
                               for f in dataclasses.fields(Config)}
+
+
+def _check_space(raw: Any, errors: list[str]) -> dict[str, Any]:
+    """``sweep.space``: each key a real ``section.key`` (not of the sweep section), each value a
+    non-empty list of choices of that key's type and range, or ``{low, high, log}`` for a number."""
+    if not isinstance(raw, dict):
+        errors.append(f"sweep.space = {raw!r}: expected a mapping of section.key -> list of choices "
+                      "or {low, high, log}")
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"sweep.space.{key}"
+        section, _, name = str(key).partition(".")
+        cls = _SECTIONS.get(section)
+        fields = {f.name: f for f in dataclasses.fields(cls)} if cls and cls is not SweepConfig else {}
+        if name not in fields:
+            errors.append(f"{path}: unknown config key; expected section.key of "
+                          f"{', '.join(s for s in _SECTIONS if s != 'sweep')}, e.g. train.lr")
+            continue
+        tp, meta, n_errors = typing.get_type_hints(cls)[name], fields[name].metadata, len(errors)
+        if isinstance(value, list) and value:
+            typed = [_coerce(v, tp, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+            if len(errors) == n_errors:
+                for i, v in enumerate(typed):
+                    _check_range(v, meta, f"{path}[{i}]", errors)
+                    if key == "model.preset" and v not in MODEL_PRESETS:
+                        errors.append(f"{path}[{i}] = {v!r}: expected one of "
+                                      f"{', '.join(map(repr, MODEL_PRESETS))}")
+            out[key] = typed
+        elif isinstance(value, dict) and tp in (int, float):
+            extra = sorted(set(value) - {"low", "high", "log"})
+            if extra or not {"low", "high"} <= set(value):
+                errors.append(f"{path} = {value!r}: expected {{low, high}} with optional log: true/false")
+                continue
+            low, high = (_coerce(value[k], tp, f"{path}.{k}", errors) for k in ("low", "high"))
+            log = _coerce(value.get("log", False), bool, f"{path}.log", errors)
+            if len(errors) == n_errors:
+                _check_range(low, meta, f"{path}.low", errors)
+                _check_range(high, meta, f"{path}.high", errors)
+                if not low < high:
+                    errors.append(f"{path}: low = {low!r} must be < high = {high!r}")
+                if log and low <= 0:
+                    errors.append(f"{path}.low = {low!r}: must be > 0 with log: true")
+            out[key] = {"low": low, "high": high, "log": log}
+        else:
+            kind = "a non-empty list of choices" + (" or {low, high, log}" if tp in (int, float) else "")
+            errors.append(f"{path} = {value!r}: expected {kind} ({_type_name(tp)})")
+    return out
 
 
 def _expand_model_preset(raw: dict[str, Any], errors: list[str]) -> None:

@@ -25,6 +25,7 @@ import torch
 from diffusion.config import Config
 from diffusion.data import ImageSet, load_prepared, to_uint8
 from diffusion.features import FeatureExtractor
+from diffusion.gate import FastFrechet
 from diffusion.fid import FeatureStats, frechet_distance, kernel_inception_distance
 from diffusion.grid import save_grid
 from diffusion.prepare import dataset_version
@@ -255,3 +256,36 @@ def evaluate(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def quick_fid(checkpoint: str | Path, cfg: Config, extractor: FeatureExtractor, *, samples: int,
+              device: str | torch.device = "cpu") -> dict:
+    """A cheap FID for comparing the checkpoints of one sweep: one seed of ``samples`` images
+    with ``evaluate``'s sampler, steps, guidance and seed, in fp32 and contiguous memory (no
+    hardware probe, so every trial on every node is measured alike), against the cached
+    training-set statistics of :func:`evaluate`. No floor, KID or files. The Frechet distance
+    is :class:`diffusion.gate.FastFrechet`'s (an eigendecomposition: an untrained model's
+    degenerate features give a large FID, not an error). Equal ``cfg.evaluate``, ``samples``,
+    extractor and data give equal ``yardstick``. Returns ``{"fid", "yardstick", "step"}``."""
+    ev = cfg.evaluate
+    model, schedule, trained_cfg, ckpt = load_generator(checkpoint, device)
+    prepared = Path(cfg.data.prepared_dir)
+    version = dataset_version(prepared)
+    ref, _ = reference_stats(ev.reference_cache, load_prepared(prepared, "train"), extractor,
+                             dataset=version, split="train")
+    classes = trained_cfg.model.num_classes
+    images = sample(model, schedule, samples, channels=trained_cfg.data.channels,
+                    resolution=trained_cfg.data.resolution, sampler=ev.sampler, steps=ev.steps, eta=ev.eta,
+                    target=trained_cfg.diffusion.target, seed=ev.seed,
+                    labels=torch.arange(samples) % classes if classes else None,
+                    guidance_scale=ev.guidance_scale, clip_denoised=ev.clip_denoised,
+                    batch_size=ev.batch_size, device=device, progress=False, precision="fp32",
+                    memory_format="contiguous", spacing=ev.spacing)
+    features = extract(extractor, to_uint8(images))
+    parts = {"extractor_sha256": extractor.sha256, "dataset_version": version,
+             "reference": reference_key(version, extractor.sha256, trained_cfg.data.resolution, "train", ref.n),
+             "sampler": ev.sampler, "steps": ev.steps, "spacing": ev.spacing, "eta": ev.eta,
+             "guidance_scale": ev.guidance_scale, "clip_denoised": ev.clip_denoised,
+             "samples_per_seed": samples, "seeds": 1, "seed": ev.seed, "precision": "fp32"}
+    fid = FastFrechet(ref.mu, ref.sigma)(features) if np.isfinite(features).all() else float("inf")
+    return {"fid": fid, "yardstick": yardstick(parts), "step": int(ckpt["step"])}

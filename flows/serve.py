@@ -1,4 +1,4 @@
-"""Serve the ``ddpm-pipeline`` and ``ddpm-rollback`` flows as deployments (the long-running
+"""Serve the ``ddpm-pipeline``, ``ddpm-rollback`` and ``ddpm-sweep`` flows as deployments (the long-running
 process that executes their runs): ``python -m flows.serve [--name local] [--cron "0 3 * * *"]``
 with ``PREFECT_API_URL`` pointing at a Prefect server. Then trigger runs from anywhere:
 
@@ -16,6 +16,7 @@ import argparse
 from prefect import serve
 
 from flows.pipeline import ddpm_pipeline, ddpm_rollback
+from flows.sweep import ddpm_sweep
 
 
 STOP_RUNS_S = 90.0      # how long a SIGTERMed serve waits for its runs to stop in order
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
                                       parameters={"params_file": args.params}, tags=["ddpm"],
                                       description="DVC data -> Ray training -> FID -> MLflow gate"),
           ddpm_rollback.to_deployment(name=args.name, parameters={"params_file": args.params},
-                                      tags=["ddpm"], description="move the champion alias back"))
+                                      tags=["ddpm"], description="move the champion alias back"),
+          ddpm_sweep.to_deployment(name=args.name, parameters={"params_file": args.params},
+                                   tags=["ddpm", "sweep"], description="Ray Tune search, best trial "
+                                   "through the gate"))
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 # Bookkeeping, not what a model depends on: where things are written, how tracking is done. The
 # whole configuration is on each run as config/params.yaml; the params are what people vary.
-_NOT_PARAMS = ("tracking.", "data.prepared_dir", "data.validation_dir", "train.out_dir",
+_NOT_PARAMS = ("tracking.", "sweep.", "data.prepared_dir", "data.validation_dir", "train.out_dir",
                "ray.storage_path", "extractor.path", "evaluate.reference_cache",
                "evaluate.metrics_path", "evaluate.grid_path")
 

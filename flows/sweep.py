@@ -1,0 +1,345 @@
+"""``ddpm-sweep``: a budgeted Ray Tune search over ``sweep.space`` with early stopping on a quick
+FID, each trial a child run of one MLflow parent run, the best checkpoint through the gate.
+
+    python -m flows.sweep [--params params.yaml] [section.key=value ...] [--verbose]
+
+Trials run on the Ray cluster of :func:`flows.ray_train.init_ray` (``RAY_ADDRESS``, else a local
+one). Each trial trains with the library trainer on the data of one DVC version (obtained like a
+Ray Train worker obtains it) and, at each checkpoint, reports a quick FID
+(:func:`diffusion.evaluate.quick_fid`) under one yardstick for all trials. ASHA compares trials at
+equal *training minutes* (the library's training-loop wall clock, counted over resumes) and stops
+the weak ones. Workers never talk to MLflow: a Tune callback on the driver logs each trial to a
+child run of the sweep's parent run. Tune's experiment lives under
+``sweep.storage_path/<sweep.name>-<hash of config and data>``; running the same sweep again
+restores it: finished trials are kept, unfinished ones resume from their last checkpoint. The
+best checkpoint gets the pipeline's evaluate and register stages (the champion gate decides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+if __name__ == "__main__":      # the command: a light parent that relays signals to the job
+    from flows.interrupts import supervise
+    supervise("flows.sweep")
+
+# no usage reporting from offline machines; a first ephemeral server start outlasts 20 s on 2 cores
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+# a snapshot of Tune's state per reported checkpoint is what resuming needs (each ~10 ms): no warning
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+from prefect import flow  # noqa: E402
+
+from diffusion.config import Config, ConfigError, load_config  # noqa: E402
+from diffusion.search import draw_points, point_label, trial_config  # noqa: E402
+
+from flows.sweep_trials import (DIVERGED_FID, STOP_REASONS, parent_run, log_parent,  # noqa: E402
+                                 sweep_trial, trial_rows, tracker)
+
+FLOW_NAME = "ddpm-sweep"
+__all__ = ["DIVERGED_FID", "STOP_REASONS", "SearchResult", "ddpm_sweep", "prepare_best", "register_best",
+           "run_search"]
+
+
+def sweep_name(cfg: Config, dataset: str) -> str:
+    """``sweep.name`` plus a hash of what the trials depend on: the base configuration, the sweep
+    section (without where it is stored and how many trials run at once) and the data version."""
+    s = {k: v for k, v in cfg.to_dict()["sweep"].items() if k not in ("storage_path", "name", "max_concurrent")}
+    blob = json.dumps([cfg.hash(), s, dataset], sort_keys=True)
+    return f"{cfg.sweep.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
+    """``sweep.max_concurrent``, or for ``auto`` the trials the cluster holds at once: its CPUs (its
+    GPUs when trials use GPUs) over what one trial asks for, at least 1."""
+    s = cfg.sweep
+    if s.max_concurrent != "auto":
+        return int(s.max_concurrent)
+    if s.gpus_per_trial > 0:
+        return max(1, int(resources.get("GPU", 0.0) // s.gpus_per_trial))
+    return max(1, int(resources.get("CPU", 1.0) // s.cpus_per_trial))
+
+
+@dataclass
+class SearchResult:
+    name: str                 # Tune's experiment name (sweep.name + hash)
+    path: Path                # the experiment directory
+    parent_run_id: str
+    tracking_uri: str
+    trials: list[dict]        # one row per trial: index, point, status, stop reason, steps, quick FID
+    best: dict | None         # the best row, with its checkpoint path
+    restored: bool
+    seconds: float
+
+
+def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> SearchResult:
+    """The search itself (no evaluation or registration): start or restore Tune's experiment, run
+    it within ``sweep.budget_minutes``, log the trials and the table of all trials on the parent
+    run. An interrupted search (SIGINT / SIGUSR1 to this process) keeps its state and raises
+    :class:`flows.interrupts.Interrupted`; running it again resumes."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from diffusion.data import load_prepared
+    from diffusion.evaluate import reference_stats
+    from diffusion.prepare import dataset_version
+    from flows.ray_train import _git_commit, cluster_name, code_version, data_source, init_ray
+    from flows.stages import StageError, load_extractor
+    from flows.tracking import client_for, tracking_uri
+    started = time.perf_counter()
+    s = cfg.sweep
+    if not s.space:
+        raise ConfigError("sweep.space = {}: name at least one config key to vary, e.g. "
+                          "sweep.space={train.lr: [1.0e-3, 2.0e-3]}")
+    version = dataset_version(cfg.data.prepared_dir)
+    try:
+        extractor = load_extractor(cfg)
+    except Exception as exc:
+        raise StageError(f"{cfg.extractor.path}: {exc}; run the extractor stage first "
+                         "(python -m flows.stages extractor)") from None
+    cache = str(Path(cfg.evaluate.reference_cache).absolute())     # warm once, shared by every trial
+    reference_stats(cache, load_prepared(cfg.data.prepared_dir, "train"), extractor, dataset=version, split="train")
+    init_ray()
+    resources = ray.cluster_resources()
+    if s.gpus_per_trial > 0 and resources.get("GPU", 0) < s.gpus_per_trial:
+        raise ConfigError(f"sweep.gpus_per_trial = {s.gpus_per_trial:g}: {cluster_name()} has "
+                          f"{resources.get('GPU', 0):g} GPUs")
+    name = sweep_name(cfg, version)
+    storage = Path(s.storage_path).absolute()
+    path = storage / name
+    points = [{"index": i, **p} for i, p in enumerate(draw_points(s.space, s.trials, s.seed))]
+    uri = tracking_uri(cfg)
+    parent = parent_run(cfg, uri, storage / f"{name}.sweep.json", name, points)
+    client = client_for(uri)
+    track = tracker(uri, parent, client.get_run(parent).info.experiment_id, s.budget_minutes * 60.0,
+                    s.scheduler, on_event)
+    setup = {"base": dataclasses.replace(cfg, data=dataclasses.replace(
+                 cfg.data, prepared_dir=str(Path(cfg.data.prepared_dir).absolute()))).to_dict(),
+             "data": data_source(cfg, version), "code": {**code_version(), "git": _git_commit()},
+             "extractor": Path(cfg.extractor.path).read_bytes(), "extractor_sha256": extractor.sha256,
+             "reference_cache": cache, "quick_fid_samples": s.quick_fid_samples,
+             "cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup),
+                                    {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+    param_space = {"trial": tune.grid_search(points)}
+    restored = tune.Tuner.can_restore(str(path))
+    if restored:
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, param_space=param_space)
+        tuner._local_tuner.get_run_config().callbacks = [track]    # this process's MLflow callback
+    else:
+        trial_minutes = cfg.train.budget_minutes if cfg.train.budget_minutes > 0 else s.budget_minutes
+        scheduler = (ASHAScheduler(time_attr="train_minutes", max_t=trial_minutes,
+                                   grace_period=min(s.grace_minutes, trial_minutes),
+                                   reduction_factor=s.reduction_factor)
+                     if s.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric="quick_fid", mode="min", scheduler=scheduler,
+                                        max_concurrent_trials=max_concurrent(cfg, resources),
+                                        time_budget_s=s.budget_minutes * 60.0,
+                                        reuse_actors=True),      # no new process (torch import) per trial
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage), callbacks=[track], verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="quick_fid",
+                                                        checkpoint_score_order="min"),
+                failure_config=tune.FailureConfig(max_failures=0)))
+    try:
+        grid = tuner.fit()
+    except BaseException as exc:
+        track.close_unfinished()
+        client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    rows = trial_rows(grid, track)
+    from flows import interrupts
+    statuses = [t.status for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []]
+    out_of_time = time.monotonic() - track.started >= 0.97 * track.budget_s
+    if any(status not in ("TERMINATED", "ERROR") for status in statuses) or (
+            len(statuses) < len(points) and not out_of_time):       # interrupted: Tune kept its state
+        track.close_unfinished()
+        client.set_terminated(parent, "KILLED")
+        raise interrupts.Interrupted(interrupts.received() or 2)
+    for row in rows:            # stopped by the time budget: Tune calls no callback for those
+        if row["stop_reason"] == "unknown":
+            track.end_stopped(row["trial_id"], "budget")
+            row["stop_reason"] = "budget"
+    scored = [r for r in rows if r.get("checkpoint")]
+    best = min(scored, key=lambda r: r["best_quick_fid"]) if scored else None
+    log_parent(client, parent, rows, best)
+    client.set_terminated(parent, "FINISHED")
+    return SearchResult(name, path, parent, uri, rows, best, restored, time.perf_counter() - started)
+
+
+def best_config(cfg: Config, search: SearchResult) -> Config:
+    """The best trial's configuration, its outputs beside the experiment (``<name>-best/``)."""
+    out = search.path.parent / f"{search.name}-best"
+    best = trial_config(cfg, search.best["point"])
+    return dataclasses.replace(
+        best, train=dataclasses.replace(best.train, out_dir=str(out)),
+        evaluate=dataclasses.replace(best.evaluate, metrics_path=str(out / "eval.json"),
+                                     grid_path=str(out / "samples.png")))
+
+
+def prepare_best(cfg: Config, search: SearchResult) -> Config:
+    """Copy the best checkpoint where the evaluate and register stages read it, with the
+    ``run.json`` that names its child run as the model's run."""
+    from diffusion.checkpoint import load_checkpoint
+    from flows.stages import RUN_INFO, StageError
+    if search.best is None:
+        raise StageError(f"sweep {search.name}: no trial reported a usable checkpoint")
+    best = best_config(cfg, search)
+    out = Path(best.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(search.best["checkpoint"]) / "checkpoint.pt", out / "checkpoint.pt")
+    step = int(load_checkpoint(out / "checkpoint.pt")["step"])
+    (out / RUN_INFO).write_text(json.dumps({
+        "step": step, "checkpoint": str(out / "checkpoint.pt"), "mlflow_run_id": search.best["mlflow_run_id"],
+        "tracking_uri": search.tracking_uri, "ray_run_name": search.name}, indent=2) + "\n")
+    return best
+
+
+def register_best(best: Config, search: SearchResult, flow_run_id: str | None = None) -> dict:
+    """The pipeline's register stage on the best checkpoint; its version (and the trial's run)
+    carry the sweep's parent run id, and the parent run ends FINISHED."""
+    from flows.stages import register_stage
+    from flows.tracking import client_for
+    reg = register_stage(best, flow_run_id)
+    client = client_for(search.tracking_uri)
+    version = reg.get("duplicate_of") or reg["version"]
+    client.set_model_version_tag(reg["name"], version, "sweep_parent_run_id", search.parent_run_id)
+    client.set_model_version_tag(reg["name"], version, "sweep", search.name)
+    client.set_tag(search.parent_run_id, "registered", f"{reg['name']} version {version} -> {reg['alias']}")
+    client.set_terminated(search.parent_run_id, "FINISHED")
+    return reg
+
+
+# ------------------------------------------------------------------------------ flow and command
+
+def _trial_line(event: dict) -> str | None:
+    """The console's line for a trial event (results are not shown: one line per trial end)."""
+    if event["kind"] == "end":
+        fid = event.get("quick_fid")
+        score = f", quick FID {fid:.2f}" if fid is not None and fid < DIVERGED_FID else ""
+        return f"  sweep: trial {event['index']} ended ({event['reason']}) at step {event['step']}{score}"
+    return None
+
+
+def sweep_flow_body(params_file: str, overrides: list[str] | None) -> dict:
+    """sweep -> evaluate (the best checkpoint, full FID) -> register (the champion gate)."""
+    from flows.console import console
+    from flows.stages import evaluate_stage
+    started = time.perf_counter()
+    cfg = load_config(params_file, overrides or [])
+    out = console()
+
+    def on_event(event: dict) -> None:
+        line = _trial_line(event)
+        if line:
+            out.line(line)
+    flow_run_id = None
+    try:
+        from prefect.runtime import flow_run
+        flow_run_id = str(flow_run.id or "") or None
+    except Exception:   # noqa: BLE001 - outside a flow run
+        pass
+    with out.stage("sweep") as info:
+        search = run_search(cfg, on_event)
+        info["detail"] = (f"{len(search.trials)} trials" + (" (resumed)" if search.restored else "")
+                          + (f", best quick FID {search.best['best_quick_fid']:.2f} (trial "
+                             f"{search.best['index']}: {point_label(search.best['point'])})" if search.best else ""))
+    best = prepare_best(cfg, search)
+    with out.stage("evaluate") as info:
+        metrics = evaluate_stage(best, progress=False)
+        info["detail"] = f"FID {metrics['fid']:.2f} ± {metrics['fid_std']:.2f} (floor {metrics['floor_fid']:.2f})"
+    with out.stage("register") as info:
+        reg = register_best(best, search, flow_run_id)
+        info["detail"] = (f"already registered as {reg['name']} version {reg['duplicate_of']}"
+                          if reg.get("duplicate_of") else f"{reg['name']} version {reg['version']} -> {reg['alias']}")
+    counts: dict[str, int] = {}
+    for row in search.trials:
+        counts[row["stop_reason"]] = counts.get(row["stop_reason"], 0) + 1
+    return {"sweep": search.name, "trials": len(search.trials), "stop_reasons": counts,
+            "best": search.best["point"], "best_quick_fid": search.best["best_quick_fid"],
+            "fid": metrics["fid"], "fid_std": metrics["fid_std"], "model": reg["name"],
+            "version": reg.get("duplicate_of") or reg["version"], "alias": reg["alias"],
+            "duplicate": bool(reg.get("duplicate_of")),
+            "parent_run_id": search.parent_run_id, "tracking_uri": search.tracking_uri,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def ddpm_sweep(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """A budgeted Ray Tune search over sweep.space; the best trial through the champion gate."""
+    return sweep_flow_body(params_file, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Prefect's, Ray's and MLflow's own output on the console")
+    parser.add_argument("--log-dir", default="runs/logs", help="where the run's log file goes")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_intermixed_args(argv)
+    try:                                  # bad input: named, exit 2, before anything starts
+        cfg = load_config(args.params, args.overrides)
+        if not cfg.sweep.space:
+            raise ConfigError(f"{args.params}: sweep.space is empty: name at least one config key to vary")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from flows import interrupts
+    from flows.console import console, quiet_console
+    with interrupts.handled():
+        try:
+            if args.verbose:
+                return _main(args)
+            log_path = Path(args.log_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            with quiet_console(log_path, restore=False) as out:
+                out.line(f"{FLOW_NAME}: library output goes to {log_path}")
+                return _main(args)
+        except interrupts.Interrupted as exc:
+            console().line(f"interrupted ({exc}); run the same command again to resume the sweep")
+            return exc.exit_code
+
+
+def _main(args: argparse.Namespace) -> int:
+    from flows.console import console
+    out = console()
+    from prefect.settings import PREFECT_API_URL
+    api = PREFECT_API_URL.value()
+    out.line(f"Prefect: {api}" if api else "Prefect: starting a temporary API server")
+    try:
+        state = ddpm_sweep(args.params, args.overrides, return_state=True)
+    except Exception as exc:      # Prefect itself could not start
+        out.error(f"{FLOW_NAME} could not run: {type(exc).__name__}: {str(exc)[:2000]}")
+        return 1
+    if not state.is_completed():
+        out.error(f"{FLOW_NAME} ended {state.name}: {state.message}")
+        return 1
+    s = state.result()
+    out.line(f"\n{FLOW_NAME} finished in {s['seconds']:.0f} s\n"
+             f"  sweep           : {s['sweep']}, {s['trials']} trials ("
+             + ", ".join(f"{n} {r}" for r, n in sorted(s["stop_reasons"].items())) + ")\n"
+             f"  best trial      : {point_label(s['best'])}, quick FID {s['best_quick_fid']:.3f}\n"
+             f"  FID             : {s['fid']:.3f} ± {s['fid_std']:.3f}\n"
+             + (f"  registered      : already, as {s['model']} version {s['version']}; nothing new registered\n"
+                if s["duplicate"] else f"  registered      : {s['model']} version {s['version']} -> alias '{s['alias']}'\n")
+             + f"  MLflow parent   : run {s['parent_run_id']} (its trials are its child runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

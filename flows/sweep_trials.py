@@ -1,0 +1,316 @@
+"""What runs in and around each trial of a sweep (:mod:`flows.sweep`): the trial itself, a Ray
+Tune function trainable that trains with the library and reports a quick FID at each checkpoint,
+and the driver's Tune callback that logs every trial to an MLflow child run of the sweep's parent
+run (workers never talk to MLflow). No Prefect here: Ray workers import this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from diffusion.config import Config, config_from_dict
+from diffusion.search import point_label, trial_config
+
+DIVERGED_FID = 1e6        # what a trial whose loss became NaN reports, so that ASHA ranks it last
+STOP_REASONS = ("completed", "asha", "budget", "diverged", "error", "interrupted")
+
+
+# ------------------------------------------------------------------------------ in a trial
+
+def sweep_trial(config: dict, setup: dict) -> None:
+    """One trial (a Ray Tune function trainable): train the point's configuration, report a
+    quick FID with a checkpoint at every ``train.checkpoint_every`` steps."""
+    import torch
+    from ray import tune
+
+    from diffusion.data import load_dataset
+    from diffusion.evaluate import quick_fid
+    from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, train
+    from flows.datasets import Remote, obtain
+    from flows.ray_train import _check_code
+    from flows.stages import load_extractor
+
+    _check_code(setup["code"])
+    point = {k: v for k, v in config["trial"].items() if k != "index"}
+    cfg = trial_config(config_from_dict(setup["base"], "sweep base config"), point)
+    data = setup["data"]
+    got = obtain(data["version"], cfg.data.prepared_dir, Remote(**data["remote"]) if data.get("remote") else None)
+    work = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
+    (work / "extractor.pt").write_bytes(setup["extractor"])         # the sweep's, by value
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(got.path)),
+        train=dataclasses.replace(cfg.train, out_dir=str(work / "train")),
+        extractor=dataclasses.replace(cfg.extractor, path=str(work / "extractor.pt")),
+        evaluate=dataclasses.replace(cfg.evaluate, reference_cache=setup["reference_cache"]))
+    extractor = load_extractor(cfg)
+    if extractor.sha256 != setup["extractor_sha256"]:
+        raise RuntimeError("the trial's extractor differs from the sweep's")
+    if setup["gpus_per_trial"] <= 0:
+        torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True)
+    resume = tune.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            for name in (CHECKPOINT_NAME, METRICS_NAME):
+                if (Path(d) / name).exists():
+                    shutil.copy(Path(d) / name, out / name)
+    last: dict[str, float] = {}
+    device = "cuda" if setup["gpus_per_trial"] > 0 and torch.cuda.is_available() else "cpu"
+
+    def progress(step: int) -> dict:
+        minutes = last.get("train_loop_seconds", 0.0) / 60.0
+        budget = cfg.train.budget_minutes
+        return {"step": step, "loss": last.get("loss", math.nan), "train_minutes": minutes,
+                "final": step >= cfg.train.steps or (budget > 0 and minutes >= budget)}
+
+    def on_checkpoint(step: int, path: Path) -> None:
+        q = quick_fid(path, cfg, extractor, samples=setup["quick_fid_samples"], device=device)
+        tune.report({"quick_fid": min(q["fid"], DIVERGED_FID), "yardstick": q["yardstick"], "diverged": False,
+                     **progress(step)}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+
+    try:
+        train(cfg, load_dataset(cfg.data), progress=False, on_metrics=lambda s, m: last.update(m, step=s),
+              on_checkpoint=on_checkpoint)
+    except NonFiniteLossError as exc:       # a finished trial, ranked last; no checkpoint to keep
+        tune.report({"quick_fid": DIVERGED_FID, "yardstick": "", "diverged": True, "error": str(exc),
+                     **progress(int(last.get("step", 0))), "final": True})
+
+
+# ------------------------------------------------------------------------------ on the driver
+
+def _tune_callback_base() -> type:
+    from ray.tune import Callback
+    return Callback
+
+
+class SweepTracker:
+    """The driver's Tune callback (made a :class:`ray.tune.Callback` by :func:`tracker`): one MLflow
+    child run per trial, found again by its trial id when a sweep resumes; params are the trial's
+    point, metrics ``loss``, ``quick_fid`` and ``train_minutes`` by step, the tag ``stop_reason``
+    one of :data:`STOP_REASONS`. ``on_event`` receives ``{"kind": "start" | "result" | "end", ...}``."""
+
+    def __init__(self, uri: str, parent_run_id: str, experiment_id: str, budget_s: float,
+                 scheduler: str, on_event: Callable[[dict], None] | None = None) -> None:
+        self.uri, self.parent, self.experiment_id = uri, parent_run_id, experiment_id
+        self.budget_s, self.scheduler, self.on_event = budget_s, scheduler, on_event
+        self.started = time.monotonic()
+        self.runs: dict[str, str] = {}
+        self.last: dict[str, dict] = {}
+        self.reasons: dict[str, str] = {}
+        self.yardsticks: set[str] = set()
+        self._client = None
+
+    def __getstate__(self) -> dict:                  # Tune pickles its callbacks with the experiment
+        return {**self.__dict__, "_client": None, "on_event": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from flows.tracking import client_for
+            self._client = client_for(self.uri)
+        return self._client
+
+    def _emit(self, event: dict) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def lookup(self, trial_id: str):
+        """The child run of ``trial_id`` made by this sweep (in this or an earlier process), or None."""
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent}' and tags.trial_id = '{trial_id}'")
+        return found[0] if found else None
+
+    def child(self, trial) -> str:
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        found = [run for run in [self.lookup(trial.trial_id)] if run is not None]
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            point = {k: v for k, v in trial.config["trial"].items() if k != "index"}
+            index = trial.config["trial"]["index"]
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{index:02d} {point_label(point)}",
+                                         tags={"mlflow.parentRunId": self.parent, "trial_id": trial.trial_id,
+                                               "trial_index": str(index), "sweep_trial": "true"})
+            run_id = run.info.run_id
+            from mlflow.entities import Param
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(point.items())]
+                                  + [Param("trial_index", str(index))])
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.child(trial)
+        self._emit({"kind": "start", "trial_id": trial.trial_id, "index": trial.config["trial"]["index"]})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        from mlflow.entities import Metric
+        if "quick_fid" not in result:
+            return
+        self.last[trial.trial_id] = dict(result)
+        now, step = int(time.time() * 1000), int(result["step"])
+        values = {"loss": result.get("loss"), "train_minutes": result.get("train_minutes")}
+        if not result.get("diverged"):
+            values["quick_fid"] = result["quick_fid"]
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()
+                   if v is not None and math.isfinite(float(v))]
+        run_id = self.child(trial)
+        self.client.log_batch(run_id, metrics=metrics)
+        stick = result.get("yardstick")
+        if stick and stick not in self.yardsticks:     # every trial should report the same one
+            self.yardsticks.add(stick)
+            self.client.set_tag(run_id, "quick_fid_yardstick", stick)
+            self.client.set_tag(self.parent, "quick_fid_yardsticks", ",".join(sorted(self.yardsticks)))
+        self._emit({"kind": "result", "trial_id": trial.trial_id, "index": trial.config["trial"]["index"],
+                    **{k: result.get(k) for k in ("step", "quick_fid", "train_minutes", "diverged")}})
+
+    def reason(self, trial) -> str:
+        last = self.last.get(trial.trial_id, {})
+        if last.get("diverged"):
+            return "diverged"
+        if last.get("final"):
+            return "completed"
+        if time.monotonic() - self.started >= 0.97 * self.budget_s:
+            return "budget"
+        return "asha" if self.scheduler == "asha" else "budget"
+
+    def _end(self, trial, reason: str, status: str, error: str = "") -> None:
+        run_id = self.child(trial)
+        self.reasons[trial.trial_id] = reason
+        self.client.set_tag(run_id, "stop_reason", reason)
+        last = self.last.get(trial.trial_id, {})
+        if error or last.get("error"):
+            self.client.set_tag(run_id, "error", (error or last.get("error", ""))[:5000])
+        self.client.set_terminated(run_id, status)
+        self._emit({"kind": "end", "trial_id": trial.trial_id, "index": trial.config["trial"]["index"],
+                    "reason": reason, "step": last.get("step", 0), "quick_fid": last.get("quick_fid")})
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._end(trial, self.reason(trial), "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        error = str(getattr(trial, "error_msg", "") or "")
+        self._end(trial, "error", "FAILED", error or "the trial failed (see the log file)")
+
+    def end_stopped(self, trial_id: str, reason: str) -> None:
+        """A trial Tune stopped without a callback (its time budget stops every running trial)."""
+        run_id = self.runs.get(trial_id)
+        self.reasons[trial_id] = reason
+        if run_id is not None:
+            self.client.set_tag(run_id, "stop_reason", reason)
+            self.client.set_terminated(run_id, "FINISHED")
+
+    def close_unfinished(self) -> None:
+        """After an interrupted sweep: the child runs of trials that will resume end KILLED."""
+        for trial_id, run_id in self.runs.items():
+            if trial_id not in self.reasons:
+                self.client.set_tag(run_id, "stop_reason", "interrupted")
+                self.client.set_terminated(run_id, "KILLED")
+
+
+def tracker(*args, **kwargs) -> SweepTracker:
+    """A :class:`SweepTracker` that is a Tune ``Callback`` (Ray is imported only here)."""
+    cls = type("SweepCallback", (SweepTracker, _tune_callback_base()), {})
+    return cls(*args, **kwargs)
+
+
+
+def parent_run(cfg: Config, uri: str, state_file: Path, name: str, points: list[dict]) -> str:
+    """The sweep's MLflow parent run: the one this sweep made before (kept in ``state_file``), or new."""
+    from mlflow.entities import Param
+
+    from flows.tracking import client_for, experiment_id, source_tags
+    client = client_for(uri)
+    if state_file.is_file():
+        run_id = json.loads(state_file.read_text())["parent_run_id"]
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(experiment_id(client, cfg), run_name=f"sweep {name}",
+                            tags={"sweep": name, "params_hash": cfg.hash(),
+                                  **source_tags("flows/sweep.py", False)})
+    s = cfg.sweep
+    params = {"sweep.trials": s.trials, "sweep.budget_minutes": s.budget_minutes, "sweep.scheduler": s.scheduler,
+              "sweep.grace_minutes": s.grace_minutes, "sweep.reduction_factor": s.reduction_factor,
+              "sweep.quick_fid_samples": s.quick_fid_samples, "sweep.seed": s.seed,
+              "sweep.space": json.dumps(s.space, sort_keys=True)}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_dict(run.info.run_id, {"points": points}, "sweep/points.json")
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"parent_run_id": run.info.run_id}) + "\n")
+    return run.info.run_id
+
+
+def trial_rows(grid, track: SweepTracker) -> list[dict]:
+    rows = []
+    for result in grid:
+        trial_cfg = result.config["trial"]
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(Path(result.path).name)
+        if trial_id not in track.reasons:                # finished in an earlier run of this sweep
+            run = track.lookup(trial_id)
+            if run is not None:
+                track.runs[trial_id] = run.info.run_id
+                if "stop_reason" in run.data.tags:
+                    track.reasons[trial_id] = run.data.tags["stop_reason"]
+        best_ckpt, best_fid = None, math.inf
+        for ckpt, metrics in result.best_checkpoints or []:
+            if not metrics.get("diverged") and metrics["quick_fid"] < best_fid:
+                best_ckpt, best_fid, best_step = ckpt, metrics["quick_fid"], metrics["step"]
+        df = result.metrics_dataframe
+        steps = int(df["step"].max()) if df is not None and "step" in df else 0
+        rows.append({"index": trial_cfg["index"], "trial_id": trial_id,
+                     "point": {k: v for k, v in trial_cfg.items() if k != "index"},
+                     "stop_reason": track.reasons.get(trial_id) or ("error" if result.error else "unknown"),
+                     "steps": steps, "best_quick_fid": best_fid if best_ckpt else None,
+                     "best_step": best_step if best_ckpt else None,
+                     "checkpoint": best_ckpt.path if best_ckpt else None,
+                     "mlflow_run_id": track.runs.get(trial_id)})
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def _trial_id_of(dirname: str) -> str:
+    """The trial id in a Tune trial directory's name (``sweep_trial_4e306_00001_1_...``), for a
+    trial that reported nothing."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", dirname)
+    return found.group(1) if found else dirname
+
+
+def log_parent(client, parent: str, rows: list[dict], best: dict | None) -> None:
+    """On the parent run: the best configuration (params ``best.<key>``), ``best_quick_fid`` and
+    the table of all trials (``sweep/trials.csv`` and ``.json``)."""
+    from mlflow.entities import Metric, Param
+    keys = sorted({k for r in rows for k in r["point"]})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["index", *keys, "stop_reason", "steps", "best_quick_fid", "best_step", "mlflow_run_id"])
+    for r in rows:
+        writer.writerow([r["index"], *[r["point"].get(k) for k in keys], r["stop_reason"], r["steps"],
+                         r["best_quick_fid"], r["best_step"], r["mlflow_run_id"]])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "trials.csv").write_text(buf.getvalue())
+        (Path(tmp) / "trials.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        client.log_artifacts(parent, tmp, "sweep")
+    if best is not None:
+        existing = client.get_run(parent).data.params
+        params = [Param(f"best.{k}", str(v)) for k, v in sorted(best["point"].items())
+                  if f"best.{k}" not in existing]
+        client.log_batch(parent, params=params, metrics=[
+            Metric("best_quick_fid", best["best_quick_fid"], int(time.time() * 1000), int(best["best_step"]))])
+        client.set_tag(parent, "best_trial_index", str(best["index"]))
+        client.set_tag(parent, "best_trial_run_id", str(best["mlflow_run_id"]))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["stop_reason"]] = counts.get(r["stop_reason"], 0) + 1
+    client.set_tag(parent, "trials_by_stop_reason", json.dumps(counts, sort_keys=True))

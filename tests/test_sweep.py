@@ -1,0 +1,136 @@
+"""ddpm-sweep with real components: a local Ray cluster, Ray Tune with ASHA, MLflow on SQLite,
+the pipeline's evaluate and register stages. One sweep of 4 tiny trials on the 8x8 digits serves
+the ASHA, MLflow, resume and gate checks (the suite's time budget); a bad space is refused at
+load by the command, before Ray starts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffusion.config import load_config
+from diffusion.search import draw_points
+from tests.helpers import digits_dir
+
+ray = pytest.importorskip("ray")
+from flows.interrupts import Interrupted  # noqa: E402
+from flows.sweep import STOP_REASONS, prepare_best, register_best, run_search  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BAD_LR = 1e-7           # learns nothing in 60 steps: its quick FID stays at the untrained model's
+SPACE = f"{{train.lr: [3.0e-3, 5.0e-3, 4.0e-3, {BAD_LR}]}}"
+STEPS, EVERY = 60, 20
+
+
+@pytest.fixture(scope="module")
+def sweep_root(tmp_path_factory):
+    """A domain extractor for the digits and a local Ray cluster, for this module."""
+    from diffusion.data import load_prepared
+    from diffusion.features import save_classifier, train_classifier
+    root = tmp_path_factory.mktemp("sweep")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.pop("RAY_ADDRESS", None)
+    model, acc = train_classifier(load_prepared(digits_dir(), "train"), load_prepared(digits_dir(), "heldout"),
+                                  epochs=1, progress=False)
+    save_classifier(model, root / "extractor.pt", {"heldout_accuracy": acc})
+    yield root
+    ray.shutdown()
+
+
+def overrides(root: Path, seed: int) -> list[str]:
+    return ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
+            "model.preset=tiny", "model.num_classes=0", f"train.steps={STEPS}", "train.batch_size=16",
+            f"train.checkpoint_every={EVERY}", "train.log_every=10", "train.warmup_steps=2",
+            "train.budget_minutes=1", "train.precision=fp32", f"extractor.path={root / 'extractor.pt'}",
+            "evaluate.sampler=ddim", "evaluate.steps=4", "evaluate.fid_samples=64", "evaluate.fid_seeds=1",
+            "evaluate.kid_subset_size=32", "evaluate.guidance_scale=1.0", "evaluate.precision=fp32",
+            "evaluate.memory_format=contiguous", f"evaluate.reference_cache={root / 'ref'}",
+            f"tracking.local_dir={root / 'mlflow'}", "tracking.experiment=sweep", "tracking.model_name=sweep",
+            f"sweep.space={SPACE}", "sweep.trials=4", "sweep.budget_minutes=10", "sweep.scheduler=asha",
+            "sweep.grace_minutes=0.001", "sweep.reduction_factor=2", "sweep.quick_fid_samples=64",
+            "sweep.max_concurrent=1", f"sweep.seed={seed}", f"sweep.storage_path={root / 'tune'}"]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(sweep_root):
+    # the bad learning rate must not be the first trial: ASHA compares with trials recorded before
+    seed = next(s for s in range(20) if draw_points({"train.lr": [3e-3, 5e-3, 4e-3, BAD_LR]}, 4, s)[0]
+                ["train.lr"] != BAD_LR)
+    cfg = load_config(None, overrides(sweep_root, seed))
+    events = []
+
+    def interrupt_after_two(event):          # Ctrl-C's path (Tune's handler), once 2 trials ended
+        events.append(event)
+        if event["kind"] == "end" and sum(e["kind"] == "end" for e in events) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with pytest.raises(Interrupted):
+        run_search(cfg, interrupt_after_two)
+    ended_first = {e["trial_id"]: e for e in events if e["kind"] == "end"}
+    assert len(ended_first) == 2
+    exp = next(p for p in (sweep_root / "tune").iterdir() if p.is_dir() and not p.name.endswith("-best"))
+    checkpoints = {p: p.stat().st_mtime_ns for p in exp.rglob("checkpoint.pt")}
+
+    again = []
+    search = run_search(cfg, again.append)
+    assert search.restored
+    started_again = {e["trial_id"] for e in again if e["kind"] == "start"}
+    assert started_again and not started_again & set(ended_first)          # finished trials kept
+    for path, mtime in checkpoints.items():                                # and never rewritten
+        if any(t in str(path) for t in ended_first):
+            assert path.stat().st_mtime_ns == mtime
+
+    rows = search.trials
+    assert len(rows) == 4 and all(r["stop_reason"] in STOP_REASONS for r in rows)
+    bad = next(r for r in rows if r["point"]["train.lr"] == BAD_LR)
+    assert bad["stop_reason"] == "asha" and bad["steps"] < STEPS, rows
+    completed = [r for r in rows if r["stop_reason"] == "completed"]
+    assert completed and all(r["steps"] == STEPS for r in completed)
+    assert search.best["point"]["train.lr"] != BAD_LR
+
+    from flows.tracking import client_for
+    client = client_for(search.tracking_uri)
+    parent = client.get_run(search.parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{search.parent_run_id}'")
+    assert len(children) == 4
+    for child in children:
+        row = next(r for r in rows if r["mlflow_run_id"] == child.info.run_id)
+        assert float(child.data.params["train.lr"]) == row["point"]["train.lr"]
+        assert child.data.tags["stop_reason"] == row["stop_reason"]
+        assert child.info.status == "FINISHED"
+        history = client.get_metric_history(child.info.run_id, "quick_fid")
+        steps = [m.step for m in history]
+        assert steps == sorted(set(steps)) and steps[-1] == row["steps"]   # each checkpoint once
+    assert parent.data.params["best.train.lr"] == str(search.best["point"]["train.lr"])
+    assert {a.path for a in client.list_artifacts(search.parent_run_id, "sweep")} == {
+        "sweep/points.json", "sweep/trials.csv", "sweep/trials.json"}
+
+    from flows.stages import evaluate_stage
+    best = prepare_best(cfg, search)
+    metrics = evaluate_stage(best, progress=False)
+    reg = register_best(best, search)
+    assert reg["alias"] == "champion" and metrics["fid"] > 0
+    version = client.get_model_version(reg["name"], reg["version"])
+    assert version.tags["sweep_parent_run_id"] == search.parent_run_id
+    assert version.run_id == search.best["mlflow_run_id"]
+    assert client.get_run(search.parent_run_id).info.status == "FINISHED"
+
+
+def test_a_bad_space_is_refused_at_load_with_its_key_paths(tmp_path):
+    # one bad key and one bad value: both named in one message (the library's checks of every
+    # kind of bad space are in tests/library/test_search.py); nothing starts
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "flows.sweep", "--params", str(REPO / "params.yaml"),
+                          "sweep.space={train.lrr: [1.0e-3], model.preset: [tiny, huge]}"],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "sweep.space.train.lrr: unknown config key" in out.stderr
+    assert "sweep.space.model.preset[1] = 'huge': expected one of" in out.stderr
+    assert out.stdout == "" and not any(tmp_path.iterdir())     # no log, no Ray session, no store
+    assert time.perf_counter() - started < 60
