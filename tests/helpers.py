@@ -30,7 +30,7 @@ def digits_dir() -> Path:
 
 
 def sh(*args, cwd, env, check=True):
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)   # a limit, not a speed check
     if check and out.returncode:
         raise AssertionError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out

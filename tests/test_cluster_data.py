@@ -127,11 +127,15 @@ def cluster(project, tmp_path_factory):
                      f"--resources='{json.dumps(resources)}' --disable-usage-stats --block "
                      + " ".join(_ports(20000 + 200 * k)))
             namespace = UNSHARE if name != "head" else []
-            procs.append(subprocess.Popen([*namespace, "sh", "-c", start], stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                          env={**env, "DDPM_CACHE_DIR": str(tmp / f"{name}-cache")}))
-            joined = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(k + 1)],
-                                    env=env, capture_output=True, text=True, timeout=180)
+            for attempt in range(2):     # Ray gives a raylet 30 s to register: a loaded machine
+                procs.append(subprocess.Popen(   # (the other test worker) may need a second start
+                    [*namespace, "sh", "-c", start], stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True, env={**env, "DDPM_CACHE_DIR": str(tmp / f"{name}-cache")}))
+                joined = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(k + 1)],
+                                        env=env, capture_output=True, text=True, timeout=180)
+                if joined.stdout.strip().endswith(str(k + 1)) or procs[-1].poll() is None:
+                    break
+                _stop_session(procs.pop())
             assert joined.stdout.strip().endswith(str(k + 1)), (
                 f"raylet {name!r} did not join: {joined.stderr[-800:]} "
                 f"{(tmp / f'{name}.log').read_text()[-800:]}")
