@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -16,7 +19,21 @@ WORKER_MEMORY_GIB = 6       # a worker's heaviest file at its peak (a Ray cluste
 # `make test` runs the files on pytest-xdist workers (one per CPU, as memory allows). Each worker
 # gets a Prefect home of its own: two temporary Prefect servers on one SQLite file lock each other.
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the CPUs shared out between the workers: torch's OpenMP threads spin while they wait, and
+    # two workers' tests each running as many threads as the machine has CPUs were measured 5-10x
+    # slower (the 20-epoch digits classifier beside one busy process: 71 s with two threads, 13 s with one). Subprocesses and Ray workers inherit it.
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_threads)
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+else:
+    # the hardware probes' and the dataset caches (diffusion/hardware.py, flows/datasets.py): one
+    # for the test run, shared by its workers (they take turns through its file locks); what
+    # probes measure while tests load the machine never reaches the user's own cache
+    os.environ["DDPM_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DDPM_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -27,11 +44,16 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with more tests marked ``slow`` first, the rest in their order: with the files handed
-    out whole to the workers (``--dist loadfile``), the long ones start at once and the short
-    ones fill in at the end."""
-    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])        # stable: a file's tests stay together
+    """The files in order of their expected length, longest first: with the files handed out
+    whole to the workers (``--dist loadfile``), the long ones start at once and the short ones
+    fill in at the end. A test marked ``slow`` counts its ``minutes`` (an ordering hint, not a
+    limit), half a minute without; the others count nothing."""
+    cost: Counter = Counter()
+    for item in items:
+        mark = item.get_closest_marker("slow")
+        if mark is not None:
+            cost[item.path] += mark.kwargs.get("minutes", 0.5)
+    items.sort(key=lambda item: -cost[item.path])        # stable: a file's tests stay together
 
 
 def _working_tree() -> set[str] | None:

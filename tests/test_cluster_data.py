@@ -178,7 +178,7 @@ def train_on_cluster(project, cluster, tmp_path, *extra):
     return done, (json.loads(run_json.read_text()) if done.returncode == 0 else None)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 @needs_unshare
 def test_remote_workers_get_the_data_by_version_once_per_node(project, cluster, tmp_path):
     """Both workers on the node that cannot see data/: one downloads from S3, the other waits

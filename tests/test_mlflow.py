@@ -112,16 +112,17 @@ def registered(server, tmp_path_factory):
     return {"cfg": cfg, "trained": trained, "metrics": metrics, "reg": reg, "tmp": tmp}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)
 def test_run_logs_params_metrics_images_and_artifacts_to_s3(server, registered):
     client = MlflowClient(server["url"])
     run = client.get_run(registered["trained"]["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     cfg = registered["cfg"]
-    # the params are the choices people vary (no paths, no tracking settings); names tell runs apart
+    # the params are the choices people vary (no paths, no tracking or sweep settings); names tell
+    # runs apart
     assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["model.preset"] == "tiny"
     assert run.data.params == {k: v for k, v in flatten(cfg.to_dict()).items()
-                               if not k.startswith(("tracking.", "data.prepared_dir", "train.out_dir",
+                               if not k.startswith(("tracking.", "sweep.", "data.prepared_dir", "train.out_dir",
                                                     "extractor.path", "evaluate.metrics_path",
                                                     "evaluate.grid_path", "evaluate.reference_cache",
                                                     "data.validation_dir", "ray.storage_path"))}

@@ -90,7 +90,7 @@ def run_deployment(root, env, overrides) -> dict:
             "tasks": {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}, "id": flow_run_id}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_deployment_runs_train_register_then_cache_hits(deployment):
     root, env, tmp = deployment
     first = run_deployment(root, env, FAST)

@@ -24,6 +24,7 @@ def stage_cfg(tmp_path, *extra):
         *extra])
 
 
+@pytest.mark.slow(minutes=1)
 def test_extractor_train_evaluate(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)    # the embedded default store
     cfg = stage_cfg(tmp_path)

@@ -55,7 +55,7 @@ def overrides(root: Path, seed: int) -> list[str]:
             "sweep.max_concurrent=1", f"sweep.seed={seed}", f"sweep.storage_path={root / 'tune'}"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(sweep_root):
     # the bad learning rate must not be the first trial: ASHA compares with trials recorded before
     seed = next(s for s in range(20) if draw_points({"train.lr": [3e-3, 5e-3, 4e-3, BAD_LR]}, 4, s)[0]

@@ -27,7 +27,7 @@ def files_of(directory):
             for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_repro_versions_the_data_and_local_remote_round_trips(project):
     root, env = project
     # in-process training: the Ray path of the same stage function runs in test_first_run.py (the
