@@ -23,7 +23,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,25 @@ def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
     return max(1, int(resources.get("CPU", 1.0) // s.cpus_per_trial))
 
 
+TUNE_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n))
+
+
+def _tune_interrupted(saved: dict) -> bool:
+    """Whether a signal stopped ``tuner.fit()``: Ray Tune 2.60's ``_setup_signal_catching``
+    installs one handler on SIGINT and SIGUSR1 that sets an event (and puts the previous SIGINT
+    handler back) without calling the previous handler; read that event from the handler."""
+    for sig in TUNE_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is saved[sig] or not callable(handler):
+            continue            # Tune installed nothing here (not the main thread, or restored)
+        for cell in getattr(handler, "__closure__", None) or ():
+            if isinstance(cell.cell_contents, threading.Event):
+                return cell.cell_contents.is_set()
+    # no Tune handler left: Tune restored SIGINT's because a signal came (unless it installed none)
+    return threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0) and signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+
+
 @dataclass
 class SearchResult:
     name: str                 # Tune's experiment name (sweep.name + hash)
@@ -81,6 +102,7 @@ class SearchResult:
     best: dict | None         # the best row, with its checkpoint path
     restored: bool
     seconds: float
+    ended_by: str = "search"  # "budget": sweep.budget_minutes ended it (a re-run finds it ended)
 
 
 def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> SearchResult:
@@ -155,30 +177,41 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="quick_fid",
                                                         checkpoint_score_order="min"),
                 failure_config=tune.FailureConfig(max_failures=0)))
+    from flows import interrupts
+    saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
     try:
         grid = tuner.fit()
+        interrupted = _tune_interrupted(saved)
     except BaseException as exc:
         track.close_unfinished()
         client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:                    # Tune leaves its handlers (which only stop fit) installed
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     rows = trial_rows(grid, track)
-    from flows import interrupts
-    statuses = [t.status for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []]
-    out_of_time = time.monotonic() - track.started >= 0.97 * track.budget_s
-    if any(status not in ("TERMINATED", "ERROR") for status in statuses) or (
-            len(statuses) < len(points) and not out_of_time):       # interrupted: Tune kept its state
+    if interrupted:             # Tune stopped at the signal and kept its state
         track.close_unfinished()
         client.set_terminated(parent, "KILLED")
-        raise interrupts.Interrupted(interrupts.received() or 2)
+        raise interrupts.Interrupted(interrupts.received() or signal.SIGINT)
     for row in rows:            # stopped by the time budget: Tune calls no callback for those
         if row["stop_reason"] == "unknown":
             track.end_stopped(row["trial_id"], "budget")
             row["stop_reason"] = "budget"
+    state_file = storage / f"{name}.sweep.json"
+    state = json.loads(state_file.read_text())
+    if state.get("ended_by") != "budget" and (len(rows) < len(points) or any(
+            r["stop_reason"] == "budget" for r in rows)):
+        # Tune saved its searcher finished: a re-run returns at once, with the same trials
+        state["ended_by"] = "budget"
+        state_file.write_text(json.dumps(state) + "\n")
+        client.set_tag(parent, "ended_by", "budget")
     scored = [r for r in rows if r.get("checkpoint")]
     best = min(scored, key=lambda r: r["best_quick_fid"]) if scored else None
     log_parent(client, parent, rows, best)
     client.set_terminated(parent, "FINISHED")
-    return SearchResult(name, path, parent, uri, rows, best, restored, time.perf_counter() - started)
+    return SearchResult(name, path, parent, uri, rows, best, restored, time.perf_counter() - started,
+                        state.get("ended_by", "search"))
 
 
 def best_config(cfg: Config, search: SearchResult) -> Config:
@@ -256,6 +289,7 @@ def sweep_flow_body(params_file: str, overrides: list[str] | None) -> dict:
     with out.stage("sweep") as info:
         search = run_search(cfg, on_event)
         info["detail"] = (f"{len(search.trials)} trials" + (" (resumed)" if search.restored else "")
+                          + (" (ended by sweep.budget_minutes)" if search.ended_by == "budget" else "")
                           + (f", best quick FID {search.best['best_quick_fid']:.2f} (trial "
                              f"{search.best['index']}: {point_label(search.best['point'])})" if search.best else ""))
     best = prepare_best(cfg, search)

@@ -134,3 +134,25 @@ def test_a_bad_space_is_refused_at_load_with_its_key_paths(tmp_path):
     assert "sweep.space.model.preset[1] = 'huge': expected one of" in out.stderr
     assert out.stdout == "" and not any(tmp_path.iterdir())     # no log, no Ray session, no store
     assert time.perf_counter() - started < 60
+
+
+def test_tunes_signal_handler_is_read_as_an_interrupt_and_replaced_after_fit():
+    # Ray Tune's own handlers (what tuner.fit() installs), no Ray started: a signal while they
+    # are installed reads as an interrupt however many trials Tune had created
+    from ray.tune.tune import _setup_signal_catching
+
+    from flows.sweep import TUNE_SIGNALS, _tune_interrupted
+    saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
+    try:
+        _setup_signal_catching()
+        assert not _tune_interrupted(saved)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        assert _tune_interrupted(saved)
+        _setup_signal_catching()
+        os.kill(os.getpid(), signal.SIGINT)       # Tune's handler only sets its event
+        time.sleep(0.1)
+        assert _tune_interrupted(saved)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
