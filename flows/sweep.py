@@ -152,6 +152,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
              "data": data_source(cfg, version), "code": {**code_version(), "git": _git_commit()},
              "extractor": Path(cfg.extractor.path).read_bytes(), "extractor_sha256": extractor.sha256,
              "reference_cache": cache, "quick_fid_samples": s.quick_fid_samples,
+             "checkpoint_every": s.checkpoint_every,
              "cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup),
                                     {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})

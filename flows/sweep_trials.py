@@ -29,7 +29,7 @@ STOP_REASONS = ("completed", "asha", "budget", "diverged", "error", "interrupted
 
 def sweep_trial(config: dict, setup: dict) -> None:
     """One trial (a Ray Tune function trainable): train the point's configuration, report a
-    quick FID with a checkpoint at every ``train.checkpoint_every`` steps."""
+    quick FID with a checkpoint at every ``sweep.checkpoint_every`` steps."""
     import torch
     from ray import tune
 
@@ -49,7 +49,7 @@ def sweep_trial(config: dict, setup: dict) -> None:
     (work / "extractor.pt").write_bytes(setup["extractor"])         # the sweep's, by value
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(got.path)),
-        train=dataclasses.replace(cfg.train, out_dir=str(work / "train")),
+        train=dataclasses.replace(cfg.train, out_dir=str(work / "train"), checkpoint_every=setup["checkpoint_every"]),
         extractor=dataclasses.replace(cfg.extractor, path=str(work / "extractor.pt")),
         evaluate=dataclasses.replace(cfg.evaluate, reference_cache=setup["reference_cache"]))
     extractor = load_extractor(cfg)
@@ -244,7 +244,8 @@ def parent_run(cfg: Config, uri: str, state_file: Path, name: str, points: list[
     s = cfg.sweep
     params = {"sweep.trials": s.trials, "sweep.budget_minutes": s.budget_minutes, "sweep.scheduler": s.scheduler,
               "sweep.grace_minutes": s.grace_minutes, "sweep.reduction_factor": s.reduction_factor,
-              "sweep.quick_fid_samples": s.quick_fid_samples, "sweep.seed": s.seed,
+              "sweep.quick_fid_samples": s.quick_fid_samples, "sweep.checkpoint_every": s.checkpoint_every,
+              "sweep.seed": s.seed,
               "sweep.space": json.dumps(s.space, sort_keys=True)}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_dict(run.info.run_id, {"points": points}, "sweep/points.json")

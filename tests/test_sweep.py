@@ -44,7 +44,7 @@ def sweep_root(tmp_path_factory):
 def overrides(root: Path, seed: int) -> list[str]:
     return ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
             "model.preset=tiny", "model.num_classes=0", f"train.steps={STEPS}", "train.batch_size=16",
-            f"train.checkpoint_every={EVERY}", "train.log_every=10", "train.warmup_steps=2",
+            f"sweep.checkpoint_every={EVERY}", "train.log_every=10", "train.warmup_steps=2",
             "train.budget_minutes=1", "train.precision=fp32", f"extractor.path={root / 'extractor.pt'}",
             "evaluate.sampler=ddim", "evaluate.steps=4", "evaluate.fid_samples=64", "evaluate.fid_seeds=1",
             "evaluate.kid_subset_size=32", "evaluate.guidance_scale=1.0", "evaluate.precision=fp32",
