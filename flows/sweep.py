@@ -62,6 +62,32 @@ def sweep_name(cfg: Config, dataset: str) -> str:
     return f"{cfg.sweep.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
+def check_trials(cfg: Config) -> None:
+    """Build every drawn point's trial configuration before anything starts, so a cross-field
+    error (``model.num_heads`` against a preset's channels) names its trial and the point's
+    ``sweep.space`` keys; each trial needs a training budget (``train.budget_minutes`` > 0: also
+    ASHA's last rung). Raises :class:`ConfigError`."""
+    s = cfg.sweep
+    if not s.space:
+        raise ConfigError("sweep.space = {}: name at least one config key to vary, e.g. "
+                          "sweep.space={train.lr: [1.0e-3, 2.0e-3]}")
+    errors = [] if cfg.train.budget_minutes > 0 else [
+        f"train.budget_minutes = {cfg.train.budget_minutes:g}: a sweep needs a per-trial budget (ASHA's "
+        "last rung), e.g. train.budget_minutes=5"]
+    for i, point in enumerate(draw_points(s.space, s.trials, s.seed)):
+        keys = ", ".join(f"sweep.space.{k}" for k in point)
+        try:
+            trial = trial_config(cfg, point)
+        except ConfigError as exc:
+            errors.append(f"trial {i} ({point_label(point)}; from {keys}): {exc}")
+            continue
+        if trial.train.budget_minutes <= 0 < cfg.train.budget_minutes:
+            errors.append(f"trial {i}: train.budget_minutes = {trial.train.budget_minutes:g}: a sweep needs a "
+                          "per-trial budget (ASHA's last rung), e.g. train.budget_minutes=5")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
 def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
     """``sweep.max_concurrent``, or for ``auto`` the trials the cluster holds at once: its CPUs (its
     GPUs when trials use GPUs) over what one trial asks for, at least 1."""
@@ -122,9 +148,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     from flows.tracking import client_for, tracking_uri
     started = time.perf_counter()
     s = cfg.sweep
-    if not s.space:
-        raise ConfigError("sweep.space = {}: name at least one config key to vary, e.g. "
-                          "sweep.space={train.lr: [1.0e-3, 2.0e-3]}")
+    check_trials(cfg)
     version = dataset_version(cfg.data.prepared_dir)
     try:
         extractor = load_extractor(cfg)
@@ -162,7 +186,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, param_space=param_space)
         tuner._local_tuner.get_run_config().callbacks = [track]    # this process's MLflow callback
     else:
-        trial_minutes = cfg.train.budget_minutes if cfg.train.budget_minutes > 0 else s.budget_minutes
+        trial_minutes = cfg.train.budget_minutes           # > 0: check_trials
         scheduler = (ASHAScheduler(time_attr="train_minutes", max_t=trial_minutes,
                                    grace_period=min(s.grace_minutes, trial_minutes),
                                    reduction_factor=s.reduction_factor)
@@ -330,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:                                  # bad input: named, exit 2, before anything starts
         cfg = load_config(args.params, args.overrides)
-        if not cfg.sweep.space:
-            raise ConfigError(f"{args.params}: sweep.space is empty: name at least one config key to vary")
+        check_trials(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

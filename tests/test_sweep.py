@@ -136,6 +136,20 @@ def test_a_bad_space_is_refused_at_load_with_its_key_paths(tmp_path):
     assert time.perf_counter() - started < 60
 
 
+def test_a_trial_config_error_and_no_per_trial_budget_are_refused_before_anything_starts(tmp_path):
+    # model.num_heads = 7 divides none of mnist_fast's channels: a cross-field error of one trial
+    out = subprocess.run([sys.executable, "-m", "flows.sweep", "--params", str(REPO / "params.yaml"),
+                          "sweep.space={model.num_heads: [1, 7]}", "sweep.trials=2", "train.budget_minutes=0"],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "train.budget_minutes = 0: a sweep needs a per-trial budget" in out.stderr
+    trial = next(line for line in out.stderr.splitlines() if "model.num_heads=7" in line)
+    assert trial.startswith(("error: trial ", "trial ")) and "from sweep.space.model.num_heads" in trial
+    assert "model.num_heads = 7: must divide" in out.stderr
+    assert out.stdout == "" and not any(tmp_path.iterdir())
+
+
 def test_tunes_signal_handler_is_read_as_an_interrupt_and_replaced_after_fit():
     # Ray Tune's own handlers (what tuner.fit() installs), no Ray started: a signal while they
     # are installed reads as an interrupt however many trials Tune had created
