@@ -43,7 +43,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 from prefect import flow  # noqa: E402
 
-from diffusion.config import Config, ConfigError, load_config  # noqa: E402
+from diffusion.config import Config, ConfigError, load_config, redact_url  # noqa: E402
 from diffusion.search import draw_points, point_label, trial_config  # noqa: E402
 
 from flows.sweep_trials import (DIVERGED_FID, STOP_REASONS, parent_run, log_parent,  # noqa: E402
@@ -54,11 +54,12 @@ __all__ = ["DIVERGED_FID", "STOP_REASONS", "SearchResult", "ddpm_sweep", "prepar
            "run_search"]
 
 
-def sweep_name(cfg: Config, dataset: str) -> str:
+def sweep_name(cfg: Config, dataset: str, extractor_sha256: str) -> str:
     """``sweep.name`` plus a hash of what the trials depend on: the base configuration, the sweep
-    section (without where it is stored and how many trials run at once) and the data version."""
+    section (without where it is stored and how many trials run at once), the data version and
+    the extractor (a retrained one is another yardstick: a new experiment)."""
     s = {k: v for k, v in cfg.to_dict()["sweep"].items() if k not in ("storage_path", "name", "max_concurrent")}
-    blob = json.dumps([cfg.hash(), s, dataset], sort_keys=True)
+    blob = json.dumps([cfg.hash(), s, dataset, extractor_sha256], sort_keys=True)
     return f"{cfg.sweep.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
@@ -162,7 +163,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     if s.gpus_per_trial > 0 and resources.get("GPU", 0) < s.gpus_per_trial:
         raise ConfigError(f"sweep.gpus_per_trial = {s.gpus_per_trial:g}: {cluster_name()} has "
                           f"{resources.get('GPU', 0):g} GPUs")
-    name = sweep_name(cfg, version)
+    name = sweep_name(cfg, version, extractor.sha256)
     storage = Path(s.storage_path).absolute()
     path = storage / name
     points = [{"index": i, **p} for i, p in enumerate(draw_points(s.space, s.trials, s.seed))]
@@ -333,7 +334,7 @@ def sweep_flow_body(params_file: str, overrides: list[str] | None) -> dict:
             "fid": metrics["fid"], "fid_std": metrics["fid_std"], "model": reg["name"],
             "version": reg.get("duplicate_of") or reg["version"], "alias": reg["alias"],
             "duplicate": bool(reg.get("duplicate_of")),
-            "parent_run_id": search.parent_run_id, "tracking_uri": search.tracking_uri,
+            "parent_run_id": search.parent_run_id, "tracking_uri": redact_url(search.tracking_uri),
             "seconds": round(time.perf_counter() - started, 1)}
 
 

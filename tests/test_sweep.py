@@ -80,9 +80,10 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     assert search.restored
     started_again = {e["trial_id"] for e in again if e["kind"] == "start"}
     assert started_again and not started_again & set(ended_first)          # finished trials kept
-    for path, mtime in checkpoints.items():                                # and never rewritten
-        if any(t in str(path) for t in ended_first):
-            assert path.stat().st_mtime_ns == mtime
+    for trial_id in ended_first:                                           # and never rewritten
+        kept = [path for path in checkpoints if trial_id in str(path)]
+        assert kept, (trial_id, sorted(map(str, checkpoints)))
+        assert all(path.stat().st_mtime_ns == checkpoints[path] for path in kept)
 
     rows = search.trials
     assert len(rows) == 4 and all(r["stop_reason"] in STOP_REASONS for r in rows)
@@ -170,3 +171,13 @@ def test_tunes_signal_handler_is_read_as_an_interrupt_and_replaced_after_fit():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_the_tune_callback_pickles_without_the_tracking_uri():
+    # Tune writes its callbacks into tuner.pkl; a token in MLFLOW_TRACKING_URI must not land there
+    import pickle
+
+    from flows.sweep_trials import SweepTracker
+    track = SweepTracker("https://user:s3cret-token@mlflow.example/", "parent", "0", 60.0, "asha")
+    assert b"s3cret-token" not in pickle.dumps(track)
+    assert pickle.loads(pickle.dumps(track)).uri is None
