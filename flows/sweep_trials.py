@@ -261,9 +261,11 @@ def parent_run(cfg: Config, uri: str, state_file: Path, name: str, points: list[
 
 def trial_rows(grid, track: SweepTracker) -> list[dict]:
     rows = []
+    # a trial that reported nothing has no config in its result once restored from disk
+    configs = {t.trial_id: t.config for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []}
     for result in grid:
-        trial_cfg = result.config["trial"]
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(Path(result.path).name)
+        trial_cfg = (result.config or configs[trial_id])["trial"]
         if trial_id not in track.reasons:                # finished in an earlier run of this sweep
             run = track.lookup(trial_id)
             if run is not None:

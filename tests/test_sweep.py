@@ -122,6 +122,21 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     assert client.get_run(search.parent_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_sweep_the_budget_ended_stays_ended_when_run_again(sweep_root):
+    # Tune saves its searcher finished at the time budget: a re-run's fit() returns at once with
+    # fewer trials than points, which is the end of the search, not an interrupt
+    cfg = load_config(None, overrides(sweep_root, 0) + ["sweep.budget_minutes=0.25", "sweep.name=budget"])
+    first = run_search(cfg)
+    assert first.ended_by == "budget" and not first.restored
+    again = run_search(cfg)
+    assert again.restored and again.ended_by == "budget"
+    assert [r["trial_id"] for r in again.trials] == [r["trial_id"] for r in first.trials]
+    from flows.tracking import client_for
+    parent = client_for(again.tracking_uri).get_run(again.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ended_by"] == "budget"
+
+
 def test_a_bad_space_is_refused_at_load_with_its_key_paths(tmp_path):
     # one bad key and one bad value: both named in one message (the library's checks of every
     # kind of bad space are in tests/library/test_search.py); nothing starts
