@@ -114,9 +114,11 @@ def _tune_interrupted(saved: dict) -> bool:
         for cell in getattr(handler, "__closure__", None) or ():
             if isinstance(cell.cell_contents, threading.Event):
                 return cell.cell_contents.is_set()
-    # no Tune handler left: Tune restored SIGINT's because a signal came (unless it installed none)
-    return threading.current_thread() is threading.main_thread() and not int(
-        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0) and signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+    # no Tune handler left (no SIGUSR1 here): Tune put SIGINT's back because a signal came,
+    # unless it installed none
+    installed = (threading.current_thread() is threading.main_thread()
+                 and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0"))
+    return installed and signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
 
 
 @dataclass

@@ -50,7 +50,8 @@ def sweep_trial(config: dict, setup: dict) -> None:
         (work / "extractor.pt").write_bytes(setup["extractor"])         # the sweep's, by value
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(got.path)),
-            train=dataclasses.replace(cfg.train, out_dir=str(work / "train"), checkpoint_every=setup["checkpoint_every"]),
+            train=dataclasses.replace(cfg.train, out_dir=str(work / "train"),
+                                      checkpoint_every=setup["checkpoint_every"]),
             extractor=dataclasses.replace(cfg.extractor, path=str(work / "extractor.pt")),
             evaluate=dataclasses.replace(cfg.evaluate, reference_cache=setup["reference_cache"]))
         extractor = load_extractor(cfg)
