@@ -49,7 +49,7 @@ def main() -> None:
             f"tracking.local_dir={work / 'mlflow'}", "tracking.experiment=bench-sweep",
             f"sweep.storage_path={work / 'tune'}", f"sweep.budget_minutes={args.minutes}",
             f"sweep.trials={args.trials}", f"train.budget_minutes={args.trial_minutes}",
-            f"train.checkpoint_every={args.checkpoint_every}", f"sweep.grace_minutes={args.grace_minutes}",
+            f"sweep.checkpoint_every={args.checkpoint_every}", f"sweep.grace_minutes={args.grace_minutes}",
             f"sweep.quick_fid_samples={args.quick_fid_samples}", "train.log_every=5",
             "train.precision=fp32"]
     from flows.stages import extractor_stage, prepare_stage
@@ -74,7 +74,7 @@ def main() -> None:
                   "best_point": search.best and search.best["point"],
                   "steps_trained": sum(r["steps"] for r in search.trials),
                   "quick_fid_samples": cfg.sweep.quick_fid_samples, "seconds": round(seconds, 1),
-                  "checkpoint_every": cfg.train.checkpoint_every, "grace_minutes": cfg.sweep.grace_minutes,
+                  "checkpoint_every": cfg.sweep.checkpoint_every, "grace_minutes": cfg.sweep.grace_minutes,
                   "trials": [{k: r[k] for k in ("index", "point", "stop_reason", "steps", "best_quick_fid")}
                              for r in search.trials]}
         print(json.dumps(record))

@@ -186,9 +186,10 @@ class SweepConfig:
     trials: int = _bound(8, ge=1)                # trials drawn from the space (seeded, stratified)
     budget_minutes: float = _bound(20.0, gt=0.0)  # wall clock of the whole search
     scheduler: SweepScheduler = "asha"           # asha: stop weak trials early | none: run all to the end
-    grace_minutes: float = _bound(1.0, gt=0.0)   # training minutes a trial gets before ASHA may stop it
+    grace_minutes: float = _bound(2.0, gt=0.0)   # training minutes a trial gets before ASHA may stop it
     reduction_factor: float = _bound(2.0, gt=1.0)  # ASHA keeps 1 / this many at each rung
     quick_fid_samples: int = _bound(200, ge=2)   # samples per quick FID (one seed, fp32, evaluate.sampler)
+    checkpoint_every: int = _bound(100, ge=1)    # trials' train.checkpoint_every: steps between quick FIDs
     max_concurrent: Auto | int = _bound("auto", ge=1)  # auto: cluster CPUs (GPUs) / per trial, >= 1
     cpus_per_trial: float = _bound(1.0, gt=0.0)
     gpus_per_trial: float = _bound(0.0, ge=0.0)  # > 0: trials train on GPUs
@@ -348,6 +349,32 @@ _SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name]
                               for f in dataclasses.fields(Config)}
 
 
+# sweep.space keys: only what changes the trained model (every trial has the same yardstick,
+# data and bookkeeping); the others, with why
+_SWEEPABLE_SECTIONS = ("model", "diffusion", "train")
+_UNSWEEPABLE_TRAIN = {
+    "out_dir": "each trial writes to its own directory",
+    "device": "trials' devices come from sweep.gpus_per_trial",
+    "checkpoint_every": "set sweep.checkpoint_every (the steps between the trials' quick-FID reports)",
+    "log_every": "it does not change the trained model",
+    "compile": "it does not change the trained model, only its speed",
+}
+_UNSWEEPABLE_SECTIONS = {
+    "evaluate": "evaluate.* would give trials different yardsticks (the quick FID uses the base's evaluate)",
+    "extractor": "extractor.* would give trials different yardsticks",
+    "data": "data.* would train trials on different data (a sweep is of one data version)",
+}
+
+
+def _unsweepable(section: str, name: str) -> str | None:
+    """Why ``section.name`` may not vary in a sweep, or None."""
+    if section == "train":
+        return _UNSWEEPABLE_TRAIN.get(name)
+    if section not in _SWEEPABLE_SECTIONS:
+        return _UNSWEEPABLE_SECTIONS.get(section, f"{section}.* does not change the trained model")
+    return None
+
+
 def _check_space(raw: Any, errors: list[str]) -> dict[str, Any]:
     """``sweep.space``: each key a real ``section.key`` (not of the sweep section), each value a
     non-empty list of choices of that key's type and range, or ``{low, high, log}`` for a number."""
@@ -364,6 +391,11 @@ def _check_space(raw: Any, errors: list[str]) -> dict[str, Any]:
         if name not in fields:
             errors.append(f"{path}: unknown config key; expected section.key of "
                           f"{', '.join(s for s in _SECTIONS if s != 'sweep')}, e.g. train.lr")
+            continue
+        why = _unsweepable(section, name)
+        if why:
+            errors.append(f"{path}: not a key a sweep may vary (model.*, diffusion.*, train.* but "
+                          f"{', '.join('train.' + k for k in _UNSWEEPABLE_TRAIN)}): {why}")
             continue
         tp, meta, n_errors = typing.get_type_hints(cls)[name], fields[name].metadata, len(errors)
         if isinstance(value, list) and value:

@@ -23,7 +23,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 from prefect import flow  # noqa: E402
 
-from diffusion.config import Config, ConfigError, load_config  # noqa: E402
+from diffusion.config import Config, ConfigError, load_config, redact_url  # noqa: E402
 from diffusion.search import draw_points, point_label, trial_config  # noqa: E402
 
 from flows.sweep_trials import (DIVERGED_FID, STOP_REASONS, parent_run, log_parent,  # noqa: E402
@@ -52,12 +54,39 @@ __all__ = ["DIVERGED_FID", "STOP_REASONS", "SearchResult", "ddpm_sweep", "prepar
            "run_search"]
 
 
-def sweep_name(cfg: Config, dataset: str) -> str:
+def sweep_name(cfg: Config, dataset: str, extractor_sha256: str) -> str:
     """``sweep.name`` plus a hash of what the trials depend on: the base configuration, the sweep
-    section (without where it is stored and how many trials run at once) and the data version."""
+    section (without where it is stored and how many trials run at once), the data version and
+    the extractor (a retrained one is another yardstick: a new experiment)."""
     s = {k: v for k, v in cfg.to_dict()["sweep"].items() if k not in ("storage_path", "name", "max_concurrent")}
-    blob = json.dumps([cfg.hash(), s, dataset], sort_keys=True)
+    blob = json.dumps([cfg.hash(), s, dataset, extractor_sha256], sort_keys=True)
     return f"{cfg.sweep.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def check_trials(cfg: Config) -> None:
+    """Build every drawn point's trial configuration before anything starts, so a cross-field
+    error (``model.num_heads`` against a preset's channels) names its trial and the point's
+    ``sweep.space`` keys; each trial needs a training budget (``train.budget_minutes`` > 0: also
+    ASHA's last rung). Raises :class:`ConfigError`."""
+    s = cfg.sweep
+    if not s.space:
+        raise ConfigError("sweep.space = {}: name at least one config key to vary, e.g. "
+                          "sweep.space={train.lr: [1.0e-3, 2.0e-3]}")
+    errors = [] if cfg.train.budget_minutes > 0 else [
+        f"train.budget_minutes = {cfg.train.budget_minutes:g}: a sweep needs a per-trial budget (ASHA's "
+        "last rung), e.g. train.budget_minutes=5"]
+    for i, point in enumerate(draw_points(s.space, s.trials, s.seed)):
+        keys = ", ".join(f"sweep.space.{k}" for k in point)
+        try:
+            trial = trial_config(cfg, point)
+        except ConfigError as exc:
+            errors.append(f"trial {i} ({point_label(point)}; from {keys}): {exc}")
+            continue
+        if trial.train.budget_minutes <= 0 < cfg.train.budget_minutes:
+            errors.append(f"trial {i}: train.budget_minutes = {trial.train.budget_minutes:g}: a sweep needs a "
+                          "per-trial budget (ASHA's last rung), e.g. train.budget_minutes=5")
+    if errors:
+        raise ConfigError("\n".join(errors))
 
 
 def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
@@ -71,6 +100,27 @@ def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
     return max(1, int(resources.get("CPU", 1.0) // s.cpus_per_trial))
 
 
+TUNE_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n))
+
+
+def _tune_interrupted(saved: dict) -> bool:
+    """Whether a signal stopped ``tuner.fit()``: Ray Tune 2.60's ``_setup_signal_catching``
+    installs one handler on SIGINT and SIGUSR1 that sets an event (and puts the previous SIGINT
+    handler back) without calling the previous handler; read that event from the handler."""
+    for sig in TUNE_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is saved[sig] or not callable(handler):
+            continue            # Tune installed nothing here (not the main thread, or restored)
+        for cell in getattr(handler, "__closure__", None) or ():
+            if isinstance(cell.cell_contents, threading.Event):
+                return cell.cell_contents.is_set()
+    # no Tune handler left (no SIGUSR1 here): Tune put SIGINT's back because a signal came,
+    # unless it installed none
+    installed = (threading.current_thread() is threading.main_thread()
+                 and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0"))
+    return installed and signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+
+
 @dataclass
 class SearchResult:
     name: str                 # Tune's experiment name (sweep.name + hash)
@@ -81,6 +131,7 @@ class SearchResult:
     best: dict | None         # the best row, with its checkpoint path
     restored: bool
     seconds: float
+    ended_by: str = "search"  # "budget": sweep.budget_minutes ended it (a re-run finds it ended)
 
 
 def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> SearchResult:
@@ -100,9 +151,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     from flows.tracking import client_for, tracking_uri
     started = time.perf_counter()
     s = cfg.sweep
-    if not s.space:
-        raise ConfigError("sweep.space = {}: name at least one config key to vary, e.g. "
-                          "sweep.space={train.lr: [1.0e-3, 2.0e-3]}")
+    check_trials(cfg)
     version = dataset_version(cfg.data.prepared_dir)
     try:
         extractor = load_extractor(cfg)
@@ -116,7 +165,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     if s.gpus_per_trial > 0 and resources.get("GPU", 0) < s.gpus_per_trial:
         raise ConfigError(f"sweep.gpus_per_trial = {s.gpus_per_trial:g}: {cluster_name()} has "
                           f"{resources.get('GPU', 0):g} GPUs")
-    name = sweep_name(cfg, version)
+    name = sweep_name(cfg, version, extractor.sha256)
     storage = Path(s.storage_path).absolute()
     path = storage / name
     points = [{"index": i, **p} for i, p in enumerate(draw_points(s.space, s.trials, s.seed))]
@@ -130,6 +179,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
              "data": data_source(cfg, version), "code": {**code_version(), "git": _git_commit()},
              "extractor": Path(cfg.extractor.path).read_bytes(), "extractor_sha256": extractor.sha256,
              "reference_cache": cache, "quick_fid_samples": s.quick_fid_samples,
+             "checkpoint_every": s.checkpoint_every,
              "cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup),
                                     {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
@@ -139,7 +189,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, param_space=param_space)
         tuner._local_tuner.get_run_config().callbacks = [track]    # this process's MLflow callback
     else:
-        trial_minutes = cfg.train.budget_minutes if cfg.train.budget_minutes > 0 else s.budget_minutes
+        trial_minutes = cfg.train.budget_minutes           # > 0: check_trials
         scheduler = (ASHAScheduler(time_attr="train_minutes", max_t=trial_minutes,
                                    grace_period=min(s.grace_minutes, trial_minutes),
                                    reduction_factor=s.reduction_factor)
@@ -155,30 +205,41 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="quick_fid",
                                                         checkpoint_score_order="min"),
                 failure_config=tune.FailureConfig(max_failures=0)))
+    from flows import interrupts
+    saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
     try:
         grid = tuner.fit()
+        interrupted = _tune_interrupted(saved)
     except BaseException as exc:
         track.close_unfinished()
         client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:                    # Tune leaves its handlers (which only stop fit) installed
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     rows = trial_rows(grid, track)
-    from flows import interrupts
-    statuses = [t.status for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []]
-    out_of_time = time.monotonic() - track.started >= 0.97 * track.budget_s
-    if any(status not in ("TERMINATED", "ERROR") for status in statuses) or (
-            len(statuses) < len(points) and not out_of_time):       # interrupted: Tune kept its state
+    if interrupted:             # Tune stopped at the signal and kept its state
         track.close_unfinished()
         client.set_terminated(parent, "KILLED")
-        raise interrupts.Interrupted(interrupts.received() or 2)
+        raise interrupts.Interrupted(interrupts.received() or signal.SIGINT)
     for row in rows:            # stopped by the time budget: Tune calls no callback for those
         if row["stop_reason"] == "unknown":
             track.end_stopped(row["trial_id"], "budget")
             row["stop_reason"] = "budget"
+    state_file = storage / f"{name}.sweep.json"
+    state = json.loads(state_file.read_text())
+    if state.get("ended_by") != "budget" and (len(rows) < len(points) or any(
+            r["stop_reason"] == "budget" for r in rows)):
+        # Tune saved its searcher finished: a re-run returns at once, with the same trials
+        state["ended_by"] = "budget"
+        state_file.write_text(json.dumps(state) + "\n")
+        client.set_tag(parent, "ended_by", "budget")
     scored = [r for r in rows if r.get("checkpoint")]
     best = min(scored, key=lambda r: r["best_quick_fid"]) if scored else None
     log_parent(client, parent, rows, best)
     client.set_terminated(parent, "FINISHED")
-    return SearchResult(name, path, parent, uri, rows, best, restored, time.perf_counter() - started)
+    return SearchResult(name, path, parent, uri, rows, best, restored, time.perf_counter() - started,
+                        state.get("ended_by", "search"))
 
 
 def best_config(cfg: Config, search: SearchResult) -> Config:
@@ -256,6 +317,7 @@ def sweep_flow_body(params_file: str, overrides: list[str] | None) -> dict:
     with out.stage("sweep") as info:
         search = run_search(cfg, on_event)
         info["detail"] = (f"{len(search.trials)} trials" + (" (resumed)" if search.restored else "")
+                          + (" (ended by sweep.budget_minutes)" if search.ended_by == "budget" else "")
                           + (f", best quick FID {search.best['best_quick_fid']:.2f} (trial "
                              f"{search.best['index']}: {point_label(search.best['point'])})" if search.best else ""))
     best = prepare_best(cfg, search)
@@ -274,7 +336,7 @@ def sweep_flow_body(params_file: str, overrides: list[str] | None) -> dict:
             "fid": metrics["fid"], "fid_std": metrics["fid_std"], "model": reg["name"],
             "version": reg.get("duplicate_of") or reg["version"], "alias": reg["alias"],
             "duplicate": bool(reg.get("duplicate_of")),
-            "parent_run_id": search.parent_run_id, "tracking_uri": search.tracking_uri,
+            "parent_run_id": search.parent_run_id, "tracking_uri": redact_url(search.tracking_uri),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -295,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:                                  # bad input: named, exit 2, before anything starts
         cfg = load_config(args.params, args.overrides)
-        if not cfg.sweep.space:
-            raise ConfigError(f"{args.params}: sweep.space is empty: name at least one config key to vary")
+        check_trials(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

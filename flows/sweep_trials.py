@@ -29,7 +29,7 @@ STOP_REASONS = ("completed", "asha", "budget", "diverged", "error", "interrupted
 
 def sweep_trial(config: dict, setup: dict) -> None:
     """One trial (a Ray Tune function trainable): train the point's configuration, report a
-    quick FID with a checkpoint at every ``train.checkpoint_every`` steps."""
+    quick FID with a checkpoint at every ``sweep.checkpoint_every`` steps."""
     import torch
     from ray import tune
 
@@ -46,45 +46,49 @@ def sweep_trial(config: dict, setup: dict) -> None:
     data = setup["data"]
     got = obtain(data["version"], cfg.data.prepared_dir, Remote(**data["remote"]) if data.get("remote") else None)
     work = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
-    (work / "extractor.pt").write_bytes(setup["extractor"])         # the sweep's, by value
-    cfg = dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(got.path)),
-        train=dataclasses.replace(cfg.train, out_dir=str(work / "train")),
-        extractor=dataclasses.replace(cfg.extractor, path=str(work / "extractor.pt")),
-        evaluate=dataclasses.replace(cfg.evaluate, reference_cache=setup["reference_cache"]))
-    extractor = load_extractor(cfg)
-    if extractor.sha256 != setup["extractor_sha256"]:
-        raise RuntimeError("the trial's extractor differs from the sweep's")
-    if setup["gpus_per_trial"] <= 0:
-        torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True)
-    resume = tune.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as d:
-            for name in (CHECKPOINT_NAME, METRICS_NAME):
-                if (Path(d) / name).exists():
-                    shutil.copy(Path(d) / name, out / name)
-    last: dict[str, float] = {}
-    device = "cuda" if setup["gpus_per_trial"] > 0 and torch.cuda.is_available() else "cpu"
+    try:      # Tune copies each reported checkpoint into its storage at tune.report
+        (work / "extractor.pt").write_bytes(setup["extractor"])         # the sweep's, by value
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(got.path)),
+            train=dataclasses.replace(cfg.train, out_dir=str(work / "train"),
+                                      checkpoint_every=setup["checkpoint_every"]),
+            extractor=dataclasses.replace(cfg.extractor, path=str(work / "extractor.pt")),
+            evaluate=dataclasses.replace(cfg.evaluate, reference_cache=setup["reference_cache"]))
+        extractor = load_extractor(cfg)
+        if extractor.sha256 != setup["extractor_sha256"]:
+            raise RuntimeError("the trial's extractor differs from the sweep's")
+        if setup["gpus_per_trial"] <= 0:
+            torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
+        out = Path(cfg.train.out_dir)
+        out.mkdir(parents=True)
+        resume = tune.get_checkpoint()
+        if resume is not None:
+            with resume.as_directory() as d:
+                for name in (CHECKPOINT_NAME, METRICS_NAME):
+                    if (Path(d) / name).exists():
+                        shutil.copy(Path(d) / name, out / name)
+        last: dict[str, float] = {}
+        device = "cuda" if setup["gpus_per_trial"] > 0 and torch.cuda.is_available() else "cpu"
 
-    def progress(step: int) -> dict:
-        minutes = last.get("train_loop_seconds", 0.0) / 60.0
-        budget = cfg.train.budget_minutes
-        return {"step": step, "loss": last.get("loss", math.nan), "train_minutes": minutes,
-                "final": step >= cfg.train.steps or (budget > 0 and minutes >= budget)}
+        def progress(step: int) -> dict:
+            minutes = last.get("train_loop_seconds", 0.0) / 60.0
+            budget = cfg.train.budget_minutes
+            return {"step": step, "loss": last.get("loss", math.nan), "train_minutes": minutes,
+                    "final": step >= cfg.train.steps or (budget > 0 and minutes >= budget)}
 
-    def on_checkpoint(step: int, path: Path) -> None:
-        q = quick_fid(path, cfg, extractor, samples=setup["quick_fid_samples"], device=device)
-        tune.report({"quick_fid": min(q["fid"], DIVERGED_FID), "yardstick": q["yardstick"], "diverged": False,
-                     **progress(step)}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+        def on_checkpoint(step: int, path: Path) -> None:
+            q = quick_fid(path, cfg, extractor, samples=setup["quick_fid_samples"], device=device)
+            tune.report({"quick_fid": min(q["fid"], DIVERGED_FID), "yardstick": q["yardstick"], "diverged": False,
+                         **progress(step)}, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
-    try:
-        train(cfg, load_dataset(cfg.data), progress=False, on_metrics=lambda s, m: last.update(m, step=s),
-              on_checkpoint=on_checkpoint)
-    except NonFiniteLossError as exc:       # a finished trial, ranked last; no checkpoint to keep
-        tune.report({"quick_fid": DIVERGED_FID, "yardstick": "", "diverged": True, "error": str(exc),
-                     **progress(int(last.get("step", 0))), "final": True})
+        try:
+            train(cfg, load_dataset(cfg.data), progress=False, on_metrics=lambda s, m: last.update(m, step=s),
+                  on_checkpoint=on_checkpoint)
+        except NonFiniteLossError as exc:       # a finished trial, ranked last; no checkpoint to keep
+            tune.report({"quick_fid": DIVERGED_FID, "yardstick": "", "diverged": True, "error": str(exc),
+                         **progress(int(last.get("step", 0))), "final": True})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ on the driver
@@ -111,8 +115,10 @@ class SweepTracker:
         self.yardsticks: set[str] = set()
         self._client = None
 
-    def __getstate__(self) -> dict:                  # Tune pickles its callbacks with the experiment
-        return {**self.__dict__, "_client": None, "on_event": None}
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks into the experiment's tuner.pkl: no tracking URI there (it may
+        # carry a token); a restored sweep replaces the callback with one of its own
+        return {**self.__dict__, "uri": None, "_client": None, "on_event": None}
 
     @property
     def client(self):
@@ -244,7 +250,8 @@ def parent_run(cfg: Config, uri: str, state_file: Path, name: str, points: list[
     s = cfg.sweep
     params = {"sweep.trials": s.trials, "sweep.budget_minutes": s.budget_minutes, "sweep.scheduler": s.scheduler,
               "sweep.grace_minutes": s.grace_minutes, "sweep.reduction_factor": s.reduction_factor,
-              "sweep.quick_fid_samples": s.quick_fid_samples, "sweep.seed": s.seed,
+              "sweep.quick_fid_samples": s.quick_fid_samples, "sweep.checkpoint_every": s.checkpoint_every,
+              "sweep.seed": s.seed,
               "sweep.space": json.dumps(s.space, sort_keys=True)}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_dict(run.info.run_id, {"points": points}, "sweep/points.json")
@@ -255,9 +262,11 @@ def parent_run(cfg: Config, uri: str, state_file: Path, name: str, points: list[
 
 def trial_rows(grid, track: SweepTracker) -> list[dict]:
     rows = []
+    # a trial that reported nothing has no config in its result once restored from disk
+    configs = {t.trial_id: t.config for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []}
     for result in grid:
-        trial_cfg = result.config["trial"]
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(Path(result.path).name)
+        trial_cfg = (result.config or configs[trial_id])["trial"]
         if trial_id not in track.reasons:                # finished in an earlier run of this sweep
             run = track.lookup(trial_id)
             if run is not None:

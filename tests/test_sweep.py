@@ -44,7 +44,7 @@ def sweep_root(tmp_path_factory):
 def overrides(root: Path, seed: int) -> list[str]:
     return ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
             "model.preset=tiny", "model.num_classes=0", f"train.steps={STEPS}", "train.batch_size=16",
-            f"train.checkpoint_every={EVERY}", "train.log_every=10", "train.warmup_steps=2",
+            f"sweep.checkpoint_every={EVERY}", "train.log_every=10", "train.warmup_steps=2",
             "train.budget_minutes=1", "train.precision=fp32", f"extractor.path={root / 'extractor.pt'}",
             "evaluate.sampler=ddim", "evaluate.steps=4", "evaluate.fid_samples=64", "evaluate.fid_seeds=1",
             "evaluate.kid_subset_size=32", "evaluate.guidance_scale=1.0", "evaluate.precision=fp32",
@@ -80,9 +80,10 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     assert search.restored
     started_again = {e["trial_id"] for e in again if e["kind"] == "start"}
     assert started_again and not started_again & set(ended_first)          # finished trials kept
-    for path, mtime in checkpoints.items():                                # and never rewritten
-        if any(t in str(path) for t in ended_first):
-            assert path.stat().st_mtime_ns == mtime
+    for trial_id in ended_first:                                           # and never rewritten
+        kept = [path for path in checkpoints if trial_id in str(path)]
+        assert kept, (trial_id, sorted(map(str, checkpoints)))
+        assert all(path.stat().st_mtime_ns == checkpoints[path] for path in kept)
 
     rows = search.trials
     assert len(rows) == 4 and all(r["stop_reason"] in STOP_REASONS for r in rows)
@@ -121,6 +122,21 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     assert client.get_run(search.parent_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_sweep_the_budget_ended_stays_ended_when_run_again(sweep_root):
+    # Tune saves its searcher finished at the time budget: a re-run's fit() returns at once with
+    # fewer trials than points, which is the end of the search, not an interrupt
+    cfg = load_config(None, overrides(sweep_root, 0) + ["sweep.budget_minutes=0.25", "sweep.name=budget"])
+    first = run_search(cfg)
+    assert first.ended_by == "budget" and not first.restored
+    again = run_search(cfg)
+    assert again.restored and again.ended_by == "budget"
+    assert [r["trial_id"] for r in again.trials] == [r["trial_id"] for r in first.trials]
+    from flows.tracking import client_for
+    parent = client_for(again.tracking_uri).get_run(again.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ended_by"] == "budget"
+
+
 def test_a_bad_space_is_refused_at_load_with_its_key_paths(tmp_path):
     # one bad key and one bad value: both named in one message (the library's checks of every
     # kind of bad space are in tests/library/test_search.py); nothing starts
@@ -134,3 +150,49 @@ def test_a_bad_space_is_refused_at_load_with_its_key_paths(tmp_path):
     assert "sweep.space.model.preset[1] = 'huge': expected one of" in out.stderr
     assert out.stdout == "" and not any(tmp_path.iterdir())     # no log, no Ray session, no store
     assert time.perf_counter() - started < 60
+
+
+def test_a_trial_config_error_and_no_per_trial_budget_are_refused_before_anything_starts(tmp_path):
+    # model.num_heads = 7 divides none of mnist_fast's channels: a cross-field error of one trial
+    out = subprocess.run([sys.executable, "-m", "flows.sweep", "--params", str(REPO / "params.yaml"),
+                          "sweep.space={model.num_heads: [1, 7]}", "sweep.trials=2", "train.budget_minutes=0"],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "train.budget_minutes = 0: a sweep needs a per-trial budget" in out.stderr
+    trial = next(line for line in out.stderr.splitlines() if "model.num_heads=7" in line)
+    assert trial.startswith(("error: trial ", "trial ")) and "from sweep.space.model.num_heads" in trial
+    assert "model.num_heads = 7: must divide" in out.stderr
+    assert out.stdout == "" and not any(tmp_path.iterdir())
+
+
+def test_tunes_signal_handler_is_read_as_an_interrupt_and_replaced_after_fit():
+    # Ray Tune's own handlers (what tuner.fit() installs), no Ray started: a signal while they
+    # are installed reads as an interrupt however many trials Tune had created
+    from ray.tune.tune import _setup_signal_catching
+
+    from flows.sweep import TUNE_SIGNALS, _tune_interrupted
+    saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
+    try:
+        _setup_signal_catching()
+        assert not _tune_interrupted(saved)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        assert _tune_interrupted(saved)
+        _setup_signal_catching()
+        os.kill(os.getpid(), signal.SIGINT)       # Tune's handler only sets its event
+        time.sleep(0.1)
+        assert _tune_interrupted(saved)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_the_tune_callback_pickles_without_the_tracking_uri():
+    # Tune writes its callbacks into tuner.pkl; a token in MLFLOW_TRACKING_URI must not land there
+    import pickle
+
+    from flows.sweep_trials import SweepTracker
+    track = SweepTracker("https://user:s3cret-token@mlflow.example/", "parent", "0", 60.0, "asha")
+    assert b"s3cret-token" not in pickle.dumps(track)
+    assert pickle.loads(pickle.dumps(track)).uri is None

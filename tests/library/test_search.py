@@ -40,6 +40,10 @@ def test_a_trial_that_changes_the_preset_gets_its_architecture():
     ({"train.ema_warmup": {"low": 0, "high": 1}}, "sweep.space.train.ema_warmup = {'low': 0, 'high': 1}: "
                                                  "expected a non-empty list of choices (true or false)"),
     ({"diffusion.target": ["eps", "x0"]}, "sweep.space.diffusion.target[1] = 'x0': expected one of 'eps', 'v'"),
+    ({"evaluate.steps": [4, 8]}, "sweep.space.evaluate.steps: not a key a sweep may vary (model.*, diffusion.*, "
+                                 "train.* but train.out_dir, "),
+    ({"evaluate.steps": [4, 8]}, "evaluate.* would give trials different yardsticks"),
+    ({"train.checkpoint_every": [10]}, "sweep.space.train.checkpoint_every: not a key a sweep may vary"),
 ])
 def test_a_bad_space_names_its_key_path(space, fragment):
     with pytest.raises(ConfigError) as err:
@@ -51,3 +55,9 @@ def test_the_sweep_section_is_not_part_of_the_config_hash():
     # a checkpoint or Ray run of the pipeline resumes whatever the sweep section says
     assert config_from_dict({"sweep": {"trials": 3, "space": {"train.lr": [1e-3]}}}).hash() == \
         config_from_dict({}).hash()
+
+
+def test_sweep_checkpoint_every_must_be_positive():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sweep.checkpoint_every=0"])
+    assert "sweep.checkpoint_every" in str(err.value)
