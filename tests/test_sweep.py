@@ -122,7 +122,7 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     assert client.get_run(search.parent_run_id).info.status == "FINISHED"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.5)
 def test_a_sweep_the_budget_ended_stays_ended_when_run_again(sweep_root):
     # Tune saves its searcher finished at the time budget: a re-run's fit() returns at once with
     # fewer trials than points, which is the end of the search, not an interrupt
