@@ -86,8 +86,8 @@ def test_the_supervisor_relays_a_group_signal_to_the_job_only_and_ends_what_it_l
         supervise("job")
         child = subprocess.Popen(["sleep", "300"])
         with handled():
-            print(os.getpid(), child.pid, flush=True)      # the handlers are in place
-            try:
+            try:       # the signal may come while print() returns, once the line is written
+                print(os.getpid(), child.pid, flush=True)  # the handlers are in place
                 while True:
                     time.sleep(0.05)
             except Interrupted as exc:
