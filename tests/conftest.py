@@ -13,8 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BUILD_OUTPUTS = (".venv/", ".pytest_cache/")      # what `make test` itself creates
 _TREE = pytest.StashKey[set | None]()
-WORKER_MEMORY_GIB = 6       # a worker's heaviest file at its peak (a Ray cluster training beside an
-                            # MLflow or Prefect server); measured in tests/README.md
+WORKER_MEMORY_GIB = 6       # memory per worker: the whole machine peaked at 5.9 GiB in use with 2
+                            # workers (tests/README.md), its idle use included
 
 # `make test` runs the files on pytest-xdist workers (one per CPU, as memory allows). Each worker
 # gets a Prefect home of its own: two temporary Prefect servers on one SQLite file lock each other.
