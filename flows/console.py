@@ -18,11 +18,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 from tqdm.auto import tqdm
 
 from diffusion.progress import progress_bar, progress_to
+from flows import interrupts
 from flows.interrupts import Interrupted
 
 PROGRESS_LINE_SECONDS = 30.0      # on a non-terminal console: one training line per this many s
@@ -148,6 +149,26 @@ def quiet_console(log_path: str | Path, restore: bool = True) -> Iterator[Consol
             err.close()
         for fd in saved:
             os.close(fd)
+
+
+def run_command(title: str, log_dir: str | Path, verbose: bool, body: Callable[[], int],
+                interrupted: Callable[[Interrupted], None]) -> int:
+    """A command's job (``python -m flows.pipeline``, ``python -m flows.sweep``): ``body`` runs
+    with SIGINT, SIGTERM and SIGHUP raising :class:`Interrupted` and, unless ``verbose``, behind
+    :func:`quiet_console` with a dated log file under ``log_dir`` whose path is the console's first
+    line. An interrupt that escapes ``body`` goes to ``interrupted`` and ends the command with its
+    exit code (130 for Ctrl-C)."""
+    with interrupts.handled():
+        try:
+            if verbose:
+                return body()
+            log_path = Path(log_dir) / f"{title.removeprefix('ddpm-')}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            with quiet_console(log_path, restore=False) as out:
+                out.line(f"{title}: library output goes to {log_path}")
+                return body()
+        except Interrupted as exc:
+            interrupted(exc)
+            return exc.exit_code
 
 
 def _columns(stream: TextIO) -> int:

@@ -49,7 +49,7 @@ from prefect.states import Cancelled
 
 from diffusion.config import Config, config_from_dict, load_config, redact_url
 from flows import interrupts, stages
-from flows.console import console, quiet_console
+from flows.console import console, run_command
 
 FLOW_NAME = "ddpm-pipeline"
 
@@ -340,19 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", default="runs/logs", help="where the run's log file goes")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
-    with interrupts.handled():
-        try:
-            if args.verbose:
-                return _main(args)
-            log_path = Path(args.log_dir) / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log"
-            with quiet_console(log_path, restore=False) as out:
-                out.line(f"{FLOW_NAME}: library output goes to {log_path}")
-                return _main(args)
-        except interrupts.Interrupted as exc:    # while Prefect started or ended the flow run
-            if not exc.reported:
-                console().line(f"interrupted ({exc})")
-            _stop_ray()
-            return exc.exit_code
+    def interrupted(exc: interrupts.Interrupted) -> None:   # while Prefect started or ended the flow run
+        if not exc.reported:
+            console().line(f"interrupted ({exc})")
+        _stop_ray()
+    return run_command(FLOW_NAME, args.log_dir, args.verbose, lambda: _main(args), interrupted)
 
 
 def _main(args: argparse.Namespace) -> int:

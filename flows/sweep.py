@@ -361,19 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from flows import interrupts
-    from flows.console import console, quiet_console
-    with interrupts.handled():
-        try:
-            if args.verbose:
-                return _main(args)
-            log_path = Path(args.log_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.log"
-            with quiet_console(log_path, restore=False) as out:
-                out.line(f"{FLOW_NAME}: library output goes to {log_path}")
-                return _main(args)
-        except interrupts.Interrupted as exc:
-            console().line(f"interrupted ({exc}); run the same command again to resume the sweep")
-            return exc.exit_code
+    from flows.console import console, run_command
+    return run_command(FLOW_NAME, args.log_dir, args.verbose, lambda: _main(args), lambda exc: console().line(
+        f"interrupted ({exc}); run the same command again to resume the sweep"))
 
 
 def _main(args: argparse.Namespace) -> int:
