@@ -16,11 +16,18 @@ env: $(STAMP)
 # torch is pinned in pyproject.toml and installed by pip first: on these CPU machines
 # `pip install torch==2.13.0` takes the local CPU wheel, on a GPU node the CUDA build.
 # Everything else comes from the lock, resolved by uv (plain pip backtracks on it for minutes).
-$(STAMP): requirements.lock pyproject.toml
+# Then the environment is compiled to bytecode: uv writes no .pyc files, and where
+# PYTHONDONTWRITEBYTECODE is set (containers, CI) Python never caches them either, so every new
+# process (each Ray worker, each stage, each test's subprocess) would compile Ray, pandas, MLflow
+# and Prefect from source as it imports them: Ray's start-up to the first training step took 48.6 s
+# that way and 20.0 s compiled (bench/RESULTS.md). compileall skips what is compiled already; the
+# few files of other Python versions inside packages (torch's py312 tests) are left uncompiled.
+$(STAMP): requirements.lock pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0 uv==$(UV_VERSION)
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.lock
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
+	$(PY) -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
 	touch $(STAMP)
 
 pipeline: $(STAMP)

@@ -7,7 +7,8 @@ compare view of the two newest runs and the registered model, in headless Chromi
 
 With ``--store`` it starts ``mlflow ui`` on that SQLite store (in its own process group, stopped
 at the end); with ``--tracking-uri`` it uses a running server. Writes ``runs.png``, ``run.png``,
-``compare.png`` and ``model.png``.
+``compare.png`` and ``model.png``; with ``--sweep``, the newest sweep's ``sweep-runs.png`` (its
+trials grouped under the parent run) and ``sweep-compare.png`` (the trials side by side).
 """
 
 from __future__ import annotations
@@ -75,6 +76,24 @@ def pages(uri: str, experiment: str, model: str) -> dict[str, str]:
             "model": f"{base}/#/models/{urllib.parse.quote(model)}?{training}"}
 
 
+def sweep_pages(uri: str, experiment: str) -> dict[str, str]:
+    """The newest sweep's views: the runs table with its trials grouped under the parent run, and
+    the compare view of all its trials (params against quick FID)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.sweep != ''",
+                                 order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    if not parents:
+        raise SystemExit(f"error: experiment {experiment!r} has no sweep parent run at {uri}")
+    parent = parents[0].info.run_id
+    trials = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    compare = urllib.parse.urlencode({"runs": json.dumps([r.info.run_id for r in trials]),
+                                      "experiments": json.dumps([exp.experiment_id])})
+    base, training = uri.rstrip("/"), "workflowType=machine_learning"
+    return {"sweep-runs": f"{base}/#/experiments/{exp.experiment_id}/runs?{training}",
+            "sweep-compare": f"{base}/#/compare-runs?{compare}&{training}"}
+
+
 def screenshot(url: str, out: Path, *, wait_ms: int = 12000, size: str = "1500,1000") -> Path:
     browser = chromium()
     if browser is None:
@@ -97,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="ddpm-mnist")
     p.add_argument("--out", type=Path, default=Path("runs/ui"))
     p.add_argument("--wait-ms", type=int, default=12000, help="page rendering time per screenshot")
+    p.add_argument("--sweep", action="store_true",
+                   help="the newest sweep's views (sweep-runs.png, sweep-compare.png) instead of the four")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     ui = None
@@ -113,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
         _wait(f"{uri}/health")
-        for name, url in pages(uri, args.experiment, args.model).items():
+        views = sweep_pages(uri, args.experiment) if args.sweep else pages(uri, args.experiment, args.model)
+        for name, url in views.items():
             print(screenshot(url, args.out / f"{name}.png", wait_ms=args.wait_ms))
     finally:
         if ui is not None:                        # mlflow ui starts workers: stop the whole group

@@ -68,13 +68,20 @@ def received() -> int | None:
     return _signum
 
 
-def _on_signal(signum: int, frame) -> None:
+def record(signum: int) -> bool:
+    """Mark a stop request by ``signum`` without raising, for code that stops in its own order
+    (the sweep hands SIGTERM and SIGHUP to Ray Tune's stop); True if it is the first."""
     global _signum, _first_at
-    first = not _requested.is_set()
-    if first:
-        _signum, _first_at = signum, time.monotonic()
-        _requested.set()
-    elif _deferring and signum == _signum and time.monotonic() - _first_at < REPEAT_S:
+    if _requested.is_set():
+        return False
+    _signum, _first_at = signum, time.monotonic()
+    _requested.set()
+    return True
+
+
+def _on_signal(signum: int, frame) -> None:
+    first = record(signum)
+    if not first and _deferring and signum == _signum and time.monotonic() - _first_at < REPEAT_S:
         return       # e.g. a group kill that also reaches the job through make or the supervisor
     if first and _deferring:
         return                             # the training loop stops after its current step

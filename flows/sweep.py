@@ -47,7 +47,7 @@ from diffusion.config import Config, ConfigError, load_config, redact_url  # noq
 from diffusion.search import draw_points, point_label, trial_config  # noqa: E402
 
 from flows.sweep_trials import (DIVERGED_FID, STOP_REASONS, parent_run, log_parent,  # noqa: E402
-                                 sweep_trial, trial_rows, tracker)
+                                 remove_orphaned_work_dirs, sweep_trial, trial_rows, tracker)
 
 FLOW_NAME = "ddpm-sweep"
 __all__ = ["DIVERGED_FID", "STOP_REASONS", "SearchResult", "ddpm_sweep", "prepare_best", "register_best",
@@ -119,6 +119,37 @@ def _tune_interrupted(saved: dict) -> bool:
     installed = (threading.current_thread() is threading.main_thread()
                  and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0"))
     return installed and signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _stop_tune_on(signals: tuple[int, ...], sigint_before: object) -> dict:
+    """During ``tuner.fit()``: SIGTERM and SIGHUP stop the search in Ctrl-C's order (Tune's own
+    SIGINT handler: the trials stop, the experiment's state is saved, fit returns) and are recorded
+    as the job's signal (:func:`flows.interrupts.received`, exit 128 + its number). Before Tune's
+    handler is in place, and for a second signal (Tune then puts SIGINT's back), the handler that
+    was there runs: :func:`flows.interrupts.handled`'s raises at once. Returns the handlers
+    replaced (none outside the main thread)."""
+    from flows import interrupts
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def stop(signum: int, frame) -> None:
+        tune_handler = signal.getsignal(signal.SIGINT)
+        if tune_handler is not sigint_before and callable(tune_handler) and interrupts.record(signum):
+            tune_handler(signal.SIGINT, frame)
+            return
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:      # end as the signal would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+    for sig in signals:
+        signal.signal(sig, stop)
+    return previous
 
 
 @dataclass
@@ -207,6 +238,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
                 failure_config=tune.FailureConfig(max_failures=0)))
     from flows import interrupts
     saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
+    stops = _stop_tune_on(STOP_SIGNALS, saved[signal.SIGINT])
     try:
         grid = tuner.fit()
         interrupted = _tune_interrupted(saved)
@@ -215,9 +247,11 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
         client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:                    # Tune leaves its handlers (which only stop fit) installed
-        for sig, handler in saved.items():
+        for sig, handler in {**saved, **stops}.items():
             signal.signal(sig, handler)
     rows = trial_rows(grid, track)
+    if not os.environ.get("RAY_ADDRESS"):       # the trials ran on this machine
+        remove_orphaned_work_dirs()
     if interrupted:             # Tune stopped at the signal and kept its state
         track.close_unfinished()
         client.set_terminated(parent, "KILLED")

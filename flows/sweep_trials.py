@@ -6,11 +6,13 @@ run (workers never talk to MLflow). No Prefect here: Ray workers import this mod
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import io
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -23,9 +25,42 @@ from diffusion.search import point_label, trial_config
 
 DIVERGED_FID = 1e6        # what a trial whose loss became NaN reports, so that ASHA ranks it last
 STOP_REASONS = ("completed", "asha", "budget", "diverged", "error", "interrupted")
+WORK_PREFIX = "ddpm-trial-"   # a trial's work directory: <tmp>/ddpm-trial-<pid>-<random>
 
 
 # ------------------------------------------------------------------------------ in a trial
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_work_dirs(root: str | Path | None = None) -> list[Path]:
+    """Remove trial work directories under ``root`` (the temp directory) whose process is gone.
+    A trial removes its own as it ends, but when Tune stops a trial (ASHA, the time budget, an
+    interrupt) it may end the trial's actor while the trial is between two reports, and a killed
+    sweep ends them all; this runs as each trial starts (on its node) and after each search (on
+    the driver's). Returns what it removed."""
+    removed = []
+    for d in sorted(Path(root or tempfile.gettempdir()).glob(f"{WORK_PREFIX}*-*")):
+        pid = d.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _work_dir() -> Path:
+    remove_orphaned_work_dirs()
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-"))
+    atexit.register(shutil.rmtree, work, True)     # an actor that exits in order
+    return work
+
 
 def sweep_trial(config: dict, setup: dict) -> None:
     """One trial (a Ray Tune function trainable): train the point's configuration, report a
@@ -45,7 +80,7 @@ def sweep_trial(config: dict, setup: dict) -> None:
     cfg = trial_config(config_from_dict(setup["base"], "sweep base config"), point)
     data = setup["data"]
     got = obtain(data["version"], cfg.data.prepared_dir, Remote(**data["remote"]) if data.get("remote") else None)
-    work = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
+    work = _work_dir()
     try:      # Tune copies each reported checkpoint into its storage at tune.report
         (work / "extractor.pt").write_bytes(setup["extractor"])         # the sweep's, by value
         cfg = dataclasses.replace(

@@ -17,6 +17,7 @@ from diffusion.search import draw_points
 from tests.helpers import digits_dir
 
 ray = pytest.importorskip("ray")
+from flows import interrupts  # noqa: E402
 from flows.interrupts import Interrupted  # noqa: E402
 from flows.sweep import STOP_REASONS, prepare_best, register_best, run_search  # noqa: E402
 
@@ -63,20 +64,24 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     cfg = load_config(None, overrides(sweep_root, seed))
     events = []
 
-    def interrupt_after_two(event):          # Ctrl-C's path (Tune's handler), once 2 trials ended
+    def interrupt_after_two(event):          # `kill`: stopped in Ctrl-C's order (Tune's handler)
         events.append(event)
         if event["kind"] == "end" and sum(e["kind"] == "end" for e in events) == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(Interrupted):
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupts.handled(), pytest.raises(Interrupted) as stopped:
         run_search(cfg, interrupt_after_two)
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is before                   # put back
     ended_first = {e["trial_id"]: e for e in events if e["kind"] == "end"}
     assert len(ended_first) == 2
     exp = next(p for p in (sweep_root / "tune").iterdir() if p.is_dir() and not p.name.endswith("-best"))
     checkpoints = {p: p.stat().st_mtime_ns for p in exp.rglob("checkpoint.pt")}
 
     again = []
-    search = run_search(cfg, again.append)
+    with interrupts.handled():
+        search = run_search(cfg, again.append)
     assert search.restored
     started_again = {e["trial_id"] for e in again if e["kind"] == "start"}
     assert started_again and not started_again & set(ended_first)          # finished trials kept
@@ -186,6 +191,63 @@ def test_tunes_signal_handler_is_read_as_an_interrupt_and_replaced_after_fit():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_sigterm_and_sighup_take_tunes_ordered_stop_and_a_second_signal_raises():
+    import threading
+
+    from flows.sweep import STOP_SIGNALS, _stop_tune_on
+    for signum in STOP_SIGNALS:
+        with interrupts.handled():
+            ours = signal.getsignal(signal.SIGINT)
+            stops = _stop_tune_on(STOP_SIGNALS, ours)
+            try:
+                with pytest.raises(Interrupted) as early:      # Tune's handler not in place yet
+                    os.kill(os.getpid(), signum)
+                    time.sleep(1)
+                assert early.value.signum == signum
+            finally:
+                for sig, handler in stops.items():
+                    signal.signal(sig, handler)
+        with interrupts.handled():
+            ours = signal.getsignal(signal.SIGINT)
+            stops = _stop_tune_on(STOP_SIGNALS, ours)
+            stopped = threading.Event()
+
+            def tune_handler(sig, frame):                     # what Tune's _setup_signal_catching does
+                stopped.set()
+                signal.signal(signal.SIGINT, ours)
+            try:
+                signal.signal(signal.SIGINT, tune_handler)
+                os.kill(os.getpid(), signum)
+                time.sleep(0.2)
+                assert stopped.is_set() and interrupts.received() == signum
+                with pytest.raises(Interrupted) as second:     # a second signal: at once
+                    os.kill(os.getpid(), signum)
+                    time.sleep(1)
+                assert second.value.signum == signum
+            finally:
+                signal.signal(signal.SIGINT, ours)
+                for sig, handler in stops.items():
+                    signal.signal(sig, handler)
+
+
+def test_work_dirs_of_ended_trial_processes_are_removed_and_live_ones_kept(tmp_path):
+    # Tune may end a trial's actor between two reports (ASHA, the budget, Ctrl-C): its work dir
+    # outlives it; the next trial on the node (and the driver after a search) removes it
+    from flows.sweep_trials import WORK_PREFIX, remove_orphaned_work_dirs
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f"{WORK_PREFIX}{dead.pid}-abc"
+    (orphan / "train").mkdir(parents=True)
+    (orphan / "train" / "checkpoint.pt").write_bytes(b"x" * 1024)
+    live = tmp_path / f"{WORK_PREFIX}{os.getppid()}-def"
+    mine = tmp_path / f"{WORK_PREFIX}{os.getpid()}-ghi"
+    other = tmp_path / "ddpm-trial-notapid"
+    for d in (live, mine, other):
+        d.mkdir()
+    assert remove_orphaned_work_dirs(tmp_path) == [orphan]
+    assert not orphan.exists() and live.is_dir() and mine.is_dir() and other.is_dir()
 
 
 def test_the_tune_callback_pickles_without_the_tracking_uri():
