@@ -172,7 +172,9 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     :class:`flows.interrupts.Interrupted`; running it again resumes."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from flows.sweep_asha import RestorableASHA
 
     from diffusion.data import load_prepared
     from diffusion.evaluate import reference_stats
@@ -221,9 +223,11 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
         tuner._local_tuner.get_run_config().callbacks = [track]    # this process's MLflow callback
     else:
         trial_minutes = cfg.train.budget_minutes           # > 0: check_trials
-        scheduler = (ASHAScheduler(time_attr="train_minutes", max_t=trial_minutes,
-                                   grace_period=min(s.grace_minutes, trial_minutes),
-                                   reduction_factor=s.reduction_factor)
+        history = storage / f"{name}.asha.json"          # ASHA's rungs, for a restore
+        history.unlink(missing_ok=True)                   # a new experiment: none recorded yet
+        scheduler = (RestorableASHA(history, time_attr="train_minutes", max_t=trial_minutes,
+                                    grace_period=min(s.grace_minutes, trial_minutes),
+                                    reduction_factor=s.reduction_factor)
                      if s.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space=param_space,

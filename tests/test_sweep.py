@@ -3,6 +3,7 @@ the pipeline's evaluate and register stages. One sweep of 4 tiny trials on the 8
 the ASHA, MLflow, resume and gate checks (the suite's time budget); a bad space is refused at
 load by the command, before Ray starts."""
 
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,8 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     assert signal.getsignal(signal.SIGTERM) is before                   # put back
     ended_first = {e["trial_id"]: e for e in events if e["kind"] == "end"}
     assert len(ended_first) == 2
+    asha = json.loads(next((sweep_root / "tune").glob("default-*.asha.json")).read_text())["recorded"]
+    assert {trial_id for trial_id, _, _ in asha} >= set(ended_first)     # ASHA's rungs, for the restore
     exp = next(p for p in (sweep_root / "tune").iterdir() if p.is_dir() and not p.name.endswith("-best"))
     checkpoints = {p: p.stat().st_mtime_ns for p in exp.rglob("checkpoint.pt")}
 
@@ -248,6 +251,48 @@ def test_work_dirs_of_ended_trial_processes_are_removed_and_live_ones_kept(tmp_p
         d.mkdir()
     assert remove_orphaned_work_dirs(tmp_path) == [orphan]
     assert not orphan.exists() and live.is_dir() and mine.is_dir() and other.is_dir()
+
+
+def test_ashas_rungs_survive_a_restore_and_stop_what_the_uninterrupted_search_stops(tmp_path):
+    # Tune restores the scheduler as pickled at creation (empty rungs): RestorableASHA replays
+    # its recorded rungs, so a restored search stops the same trials as one never interrupted
+    import pickle
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from flows.sweep_asha import RestorableASHA, _Seen
+
+    def scheduler(cls, **extra):
+        sched = cls(time_attr="train_minutes", max_t=4.0, grace_period=1.0, reduction_factor=2, **extra)
+        sched.set_search_properties("quick_fid", "min")
+        return sched
+
+    history = tmp_path / "s.asha.json"
+    live = scheduler(RestorableASHA, history_path=history)
+    pickled_at_creation = pickle.dumps(live)                  # what tuner.pkl holds
+    good, fair = _Seen("good"), _Seen("fair")
+    for trial, fids in ((good, [100.0, 50.0, 20.0, 10.0]), (fair, [150.0, 80.0, 40.0])):
+        live.on_trial_add(None, trial)
+        for minute, fid in enumerate(fids, start=1):
+            live.on_trial_result(None, trial, {"train_minutes": float(minute), "quick_fid": fid})
+    live.on_trial_complete(None, good, {"train_minutes": 4.0, "quick_fid": 10.0})
+    assert live.rungs()[-1][1] == {"good": -100.0, "fair": -150.0}        # the 1-minute rung
+
+    restored = pickle.loads(pickled_at_creation)
+    plain = scheduler(ASHAScheduler)                           # what Tune 2.60 alone gives back
+    bad = _Seen("bad")
+    decisions = []
+    for sched in (restored, live, plain):                     # restored first: it reads the record
+        sched.on_trial_add(None, fair)                         # the resumed trial
+        sched.on_trial_add(None, bad)                          # a new one, worse than both
+        decisions.append(sched.on_trial_result(None, bad, {"train_minutes": 1.0, "quick_fid": 400.0}))
+    assert restored.rungs() == live.rungs()
+    assert decisions == [TrialScheduler.STOP, TrialScheduler.STOP, TrialScheduler.CONTINUE]
+    assert json.loads(history.read_text())["recorded"][-1] == ["bad", 1.0, -400.0]
+
+    history.write_text("{not json")                            # a damaged record is named
+    with pytest.raises(ValueError, match="s.asha.json"):
+        pickle.loads(pickled_at_creation).on_trial_add(None, bad)
 
 
 def test_the_tune_callback_pickles_without_the_tracking_uri():
