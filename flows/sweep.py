@@ -203,14 +203,10 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     path = storage / name
     points = [{"index": i, **p} for i, p in enumerate(draw_points(s.space, s.trials, s.seed))]
     uri = tracking_uri(cfg)
-    state_file = storage / f"{name}.sweep.json"
-    parent = parent_run(cfg, uri, state_file, name, points)
+    parent = parent_run(cfg, uri, storage / f"{name}.sweep.json", name, points)
     client = client_for(uri)
-    restored = tune.Tuner.can_restore(str(path))
-    # the search's seconds spent by earlier runs of this sweep (Tune's time budget counts from each fit())
-    spent_s = float(json.loads(state_file.read_text()).get("spent_s", 0.0)) if restored else 0.0
-    budget_s = max(1.0, s.budget_minutes * 60.0 - spent_s)
-    track = tracker(uri, parent, client.get_run(parent).info.experiment_id, budget_s, s.scheduler, on_event)
+    track = tracker(uri, parent, client.get_run(parent).info.experiment_id, s.budget_minutes * 60.0,
+                    s.scheduler, on_event)
     setup = {"base": dataclasses.replace(cfg, data=dataclasses.replace(
                  cfg.data, prepared_dir=str(Path(cfg.data.prepared_dir).absolute()))).to_dict(),
              "data": data_source(cfg, version), "code": {**code_version(), "git": _git_commit()},
@@ -221,10 +217,10 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup),
                                     {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     param_space = {"trial": tune.grid_search(points)}
+    restored = tune.Tuner.can_restore(str(path))
     if restored:
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, param_space=param_space)
         tuner._local_tuner.get_run_config().callbacks = [track]    # this process's MLflow callback
-        tuner._local_tuner._tune_config.time_budget_s = budget_s   # what is left of sweep.budget_minutes
     else:
         trial_minutes = cfg.train.budget_minutes           # > 0: check_trials
         history = storage / f"{name}.asha.json"          # ASHA's rungs, for a restore
@@ -237,7 +233,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric="quick_fid", mode="min", scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent(cfg, resources),
-                                        time_budget_s=budget_s,
+                                        time_budget_s=s.budget_minutes * 60.0,
                                         reuse_actors=True),      # no new process (torch import) per trial
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage), callbacks=[track], verbose=0,
@@ -247,7 +243,6 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     from flows import interrupts
     saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
     stops = _stop_tune_on(STOP_SIGNALS, saved[signal.SIGINT])
-    fit_started = time.perf_counter()
     try:
         grid = tuner.fit()
         interrupted = _tune_interrupted(saved)
@@ -258,9 +253,6 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     finally:                    # Tune leaves its handlers (which only stop fit) installed
         for sig, handler in {**saved, **stops}.items():
             signal.signal(sig, handler)
-        state = json.loads(state_file.read_text())
-        state["spent_s"] = round(spent_s + time.perf_counter() - fit_started, 1)
-        state_file.write_text(json.dumps(state) + "\n")
     rows = trial_rows(grid, track)
     if not os.environ.get("RAY_ADDRESS"):       # the trials ran on this machine
         remove_orphaned_work_dirs()
@@ -272,6 +264,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
         if row["stop_reason"] == "unknown":
             track.end_stopped(row["trial_id"], "budget")
             row["stop_reason"] = "budget"
+    state_file = storage / f"{name}.sweep.json"
     state = json.loads(state_file.read_text())
     if state.get("ended_by") != "budget" and (len(rows) < len(points) or any(
             r["stop_reason"] == "budget" for r in rows)):

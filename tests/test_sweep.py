@@ -79,9 +79,6 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     assert len(ended_first) == 2
     asha = json.loads(next((sweep_root / "tune").glob("default-*.asha.json")).read_text())["recorded"]
     assert {trial_id for trial_id, _, _ in asha} >= set(ended_first)     # ASHA's rungs, for the restore
-    state_file = next((sweep_root / "tune").glob("default-*.sweep.json"))
-    spent_first = json.loads(state_file.read_text())["spent_s"]          # counted against the budget
-    assert spent_first > 0
     exp = next(p for p in (sweep_root / "tune").iterdir() if p.is_dir() and not p.name.endswith("-best"))
     checkpoints = {p: p.stat().st_mtime_ns for p in exp.rglob("checkpoint.pt")}
 
@@ -89,7 +86,6 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     with interrupts.handled():
         search = run_search(cfg, again.append)
     assert search.restored
-    assert json.loads(state_file.read_text())["spent_s"] > spent_first
     started_again = {e["trial_id"] for e in again if e["kind"] == "start"}
     assert started_again and not started_again & set(ended_first)          # finished trials kept
     for trial_id in ended_first:                                           # and never rewritten
