@@ -44,7 +44,8 @@ def startup(json_path: Path | None, stock: bool) -> None:
     import ray
 
     from diffusion.hardware import cpu_description
-    # whether the environment's packages come compiled (`make env` does it; bench/RESULTS.md)
+    # whether the environment's packages come compiled (`make env` does it; bench/RESULTS.md); where
+    # Python may write bytecode, importing ray has just written this file anyway
     compiled = Path(importlib.util.cache_from_source(ray.__file__)).is_file()
     if stock:                      # the "before": Ray Train's stock start (flows/ray_local.py off)
         ray_local.local_trainer_class = lambda base: base
@@ -65,7 +66,8 @@ def startup(json_path: Path | None, stock: bool) -> None:
         rows.append({"what": "ray_startup", "trainer": "stock" if stock else "local",
                      "attempt": attempt, "to_first_step_s": round(first[0] - t0, 2), "ray_init_s": round(init_s, 2),
                      "call_s": round(total, 2), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-                     "bytecode_compiled": compiled, "cpu": cpu_description()})
+                     "bytecode_compiled": compiled, "dont_write_bytecode": sys.dont_write_bytecode,
+                     "cpu": cpu_description()})
         print(f"{attempt}: first step after {first[0] - t0:.1f} s, ray_train() returned after {total:.1f} s")
     if json_path:
         with json_path.open("a") as f:

@@ -124,21 +124,23 @@ def _tune_interrupted(saved: dict) -> bool:
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
-def _stop_tune_on(signals: tuple[int, ...], sigint_before: object) -> dict:
+def _stop_tune_on(signals: tuple[int, ...], sigint_before: object, replaced: dict, taken: list) -> None:
     """During ``tuner.fit()``: SIGTERM and SIGHUP stop the search in Ctrl-C's order (Tune's own
     SIGINT handler: the trials stop, the experiment's state is saved, fit returns) and are recorded
-    as the job's signal (:func:`flows.interrupts.received`, exit 128 + its number). Before Tune's
-    handler is in place, and for a second signal (Tune then puts SIGINT's back), the handler that
-    was there runs: :func:`flows.interrupts.handled`'s raises at once. Returns the handlers
-    replaced (none outside the main thread)."""
+    as the job's signal (:func:`flows.interrupts.received`, exit 128 + its number) and in
+    ``taken``. Before Tune's handler is in place, and for a second signal (Tune then puts SIGINT's
+    back), the handler that was there runs: :func:`flows.interrupts.handled`'s raises at once. A
+    signal the process ignores (``nohup``) stays ignored. The handlers replaced go into
+    ``replaced`` (none outside the main thread)."""
     from flows import interrupts
     if threading.current_thread() is not threading.main_thread():
-        return {}
+        return
     previous = {sig: signal.getsignal(sig) for sig in signals}
 
     def stop(signum: int, frame) -> None:
         tune_handler = signal.getsignal(signal.SIGINT)
         if tune_handler is not sigint_before and callable(tune_handler) and interrupts.record(signum):
+            taken.append(signum)
             tune_handler(signal.SIGINT, frame)
             return
         before = previous[signum]
@@ -147,9 +149,10 @@ def _stop_tune_on(signals: tuple[int, ...], sigint_before: object) -> dict:
         elif before == signal.SIG_DFL:      # end as the signal would have
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-    for sig in signals:
-        signal.signal(sig, stop)
-    return previous
+    for sig, before in previous.items():
+        if before != signal.SIG_IGN:
+            replaced[sig] = before
+            signal.signal(sig, stop)
 
 
 @dataclass
@@ -174,7 +177,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from flows.sweep_asha import RestorableASHA
+    from flows.sweep_asha import RestorableASHA, read_history
 
     from diffusion.data import load_prepared
     from diffusion.evaluate import reference_stats
@@ -203,6 +206,13 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     path = storage / name
     points = [{"index": i, **p} for i, p in enumerate(draw_points(s.space, s.trials, s.seed))]
     uri = tracking_uri(cfg)
+    restored = tune.Tuner.can_restore(str(path))
+    history = storage / f"{name}.asha.json"          # ASHA's rungs, for a restore
+    if restored:
+        try:                                          # refused here: inside Tune it would restart the search
+            read_history(history)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
     parent = parent_run(cfg, uri, storage / f"{name}.sweep.json", name, points)
     client = client_for(uri)
     track = tracker(uri, parent, client.get_run(parent).info.experiment_id, s.budget_minutes * 60.0,
@@ -217,13 +227,11 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup),
                                     {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     param_space = {"trial": tune.grid_search(points)}
-    restored = tune.Tuner.can_restore(str(path))
     if restored:
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, param_space=param_space)
         tuner._local_tuner.get_run_config().callbacks = [track]    # this process's MLflow callback
     else:
         trial_minutes = cfg.train.budget_minutes           # > 0: check_trials
-        history = storage / f"{name}.asha.json"          # ASHA's rungs, for a restore
         history.unlink(missing_ok=True)                   # a new experiment: none recorded yet
         scheduler = (RestorableASHA(history, time_attr="train_minutes", max_t=trial_minutes,
                                     grace_period=min(s.grace_minutes, trial_minutes),
@@ -242,8 +250,10 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
                 failure_config=tune.FailureConfig(max_failures=0)))
     from flows import interrupts
     saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
-    stops = _stop_tune_on(STOP_SIGNALS, saved[signal.SIGINT])
+    stops: dict = {}
+    taken: list[int] = []         # SIGTERM / SIGHUP handed to Tune's stop
     try:
+        _stop_tune_on(STOP_SIGNALS, saved[signal.SIGINT], stops, taken)
         grid = tuner.fit()
         interrupted = _tune_interrupted(saved)
     except BaseException as exc:
@@ -253,6 +263,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     finally:                    # Tune leaves its handlers (which only stop fit) installed
         for sig, handler in {**saved, **stops}.items():
             signal.signal(sig, handler)
+    interrupted = interrupted or bool(taken)      # also one that came as fit() returned
     rows = trial_rows(grid, track)
     if not os.environ.get("RAY_ADDRESS"):       # the trials ran on this machine
         remove_orphaned_work_dirs()
@@ -380,8 +391,19 @@ def sweep_flow_body(params_file: str, overrides: list[str] | None) -> dict:
 
 @flow(name=FLOW_NAME, log_prints=True)
 def ddpm_sweep(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """A budgeted Ray Tune search over sweep.space; the best trial through the champion gate."""
-    return sweep_flow_body(params_file, overrides)
+    """A budgeted Ray Tune search over sweep.space; the best trial through the champion gate.
+    SIGINT, SIGTERM or SIGHUP stop the search in order (Tune saves it, the parent run ends
+    KILLED) and end the flow run Cancelled; running it again resumes."""
+    from prefect.states import Cancelled
+
+    from flows import interrupts
+    from flows.console import console
+    with interrupts.handled():      # in place of Prefect's SIGTERM handler while the flow runs
+        try:
+            return sweep_flow_body(params_file, overrides)
+        except interrupts.Interrupted as exc:
+            console().line(f"interrupted ({exc}); run the same command again to resume the sweep")
+            return Cancelled(message=str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,8 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from flows.console import console, run_command
-    return run_command(FLOW_NAME, args.log_dir, args.verbose, lambda: _main(args), lambda exc: console().line(
-        f"interrupted ({exc}); run the same command again to resume the sweep"))
+
+    def interrupted(exc) -> None:         # while Prefect started or ended the flow run
+        if not exc.reported:
+            console().line(f"interrupted ({exc}); run the same command again to resume the sweep")
+    return run_command(FLOW_NAME, args.log_dir, args.verbose, lambda: _main(args), interrupted)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -415,6 +440,9 @@ def _main(args: argparse.Namespace) -> int:
     except Exception as exc:      # Prefect itself could not start
         out.error(f"{FLOW_NAME} could not run: {type(exc).__name__}: {str(exc)[:2000]}")
         return 1
+    from flows import interrupts
+    if state.is_cancelled() and interrupts.received():     # the console said so, at the time
+        return 128 + interrupts.received()
     if not state.is_completed():
         out.error(f"{FLOW_NAME} ended {state.name}: {state.message}")
         return 1

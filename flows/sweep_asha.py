@@ -12,10 +12,27 @@ restored copy sees a trial.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler
+
+logger = logging.getLogger(__name__)
+
+
+def read_history(path: str | Path) -> list[tuple[str, float, float]]:
+    """The results a :class:`RestorableASHA` recorded in ``path`` ([] when there is no file);
+    ValueError naming the file when it is not such a record."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())["recorded"]
+        return [(str(trial_id), float(t), float(reward)) for trial_id, t, reward in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a sweep's ASHA record ({type(exc).__name__}: {exc}); remove it "
+                         "to resume without the rungs recorded before the restart") from None
 
 
 class _Seen:
@@ -39,16 +56,13 @@ class RestorableASHA(ASHAScheduler):
         if self._replayed:
             return
         self._replayed = True
-        path = Path(self.history_path)
-        if not path.is_file():
+        try:        # checked before the restore (flows.sweep); Tune would swallow an error here
+            history = read_history(self.history_path)
+        except ValueError as exc:
+            logger.warning("%s; ASHA restarts with empty rungs", exc)
             return
-        try:
-            history = json.loads(path.read_text())["recorded"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a sweep's ASHA record ({exc}); remove it to restore "
-                             "without the rungs recorded before the restart") from None
         for trial_id, t, reward in history:
-            self._brackets[0].on_result(_Seen(str(trial_id)), float(t), float(reward))
+            self._brackets[0].on_result(_Seen(trial_id), t, reward)
         self._history = [list(h) for h in history]
 
     def _note(self, trial_id: str, result: dict) -> None:

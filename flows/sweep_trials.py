@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:          # another user's process
+    except (PermissionError, OverflowError):     # another user's process; not a pid at all
         return True
     return True
 
@@ -48,9 +49,17 @@ def remove_orphaned_work_dirs(root: str | Path | None = None) -> list[Path]:
     the driver's). Returns what it removed."""
     removed = []
     for d in sorted(Path(root or tempfile.gettempdir()).glob(f"{WORK_PREFIX}*-*")):
-        pid = d.name[len(WORK_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
+        found = re.fullmatch(rf"{WORK_PREFIX}([0-9]{{1,9}})-.+", d.name)
+        if found is None or int(found.group(1)) == os.getpid() or _alive(int(found.group(1))):
+            continue
+        try:
+            st = d.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():     # a link, or not ours
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
             removed.append(d)
     return removed
 

@@ -43,6 +43,14 @@ def sweep_root(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def fresh_interrupt_state():
+    """These tests send the job's signals: later tests in this process start with none recorded."""
+    yield
+    interrupts._requested.clear()
+    interrupts._signum = None
+
+
 def overrides(root: Path, seed: int) -> list[str]:
     return ["data.source=digits", "data.resolution=8", f"data.prepared_dir={digits_dir()}",
             "model.preset=tiny", "model.num_classes=0", f"train.steps={STEPS}", "train.batch_size=16",
@@ -70,14 +78,15 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
         if event["kind"] == "end" and sum(e["kind"] == "end" for e in events) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    before = signal.getsignal(signal.SIGTERM)
-    with interrupts.handled(), pytest.raises(Interrupted) as stopped:
-        run_search(cfg, interrupt_after_two)
+    with interrupts.handled():
+        with pytest.raises(Interrupted) as stopped:
+            run_search(cfg, interrupt_after_two)
+        assert signal.getsignal(signal.SIGTERM) is interrupts._on_signal   # the job's own, put back
     assert stopped.value.signum == signal.SIGTERM and stopped.value.exit_code == 143
-    assert signal.getsignal(signal.SIGTERM) is before                   # put back
     ended_first = {e["trial_id"]: e for e in events if e["kind"] == "end"}
     assert len(ended_first) == 2
-    asha = json.loads(next((sweep_root / "tune").glob("default-*.asha.json")).read_text())["recorded"]
+    asha_file = next((sweep_root / "tune").glob("default-*.asha.json"))
+    asha = json.loads(asha_file.read_text())["recorded"]
     assert {trial_id for trial_id, _, _ in asha} >= set(ended_first)     # ASHA's rungs, for the restore
     exp = next(p for p in (sweep_root / "tune").iterdir() if p.is_dir() and not p.name.endswith("-best"))
     checkpoints = {p: p.stat().st_mtime_ns for p in exp.rglob("checkpoint.pt")}
@@ -86,6 +95,9 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     with interrupts.handled():
         search = run_search(cfg, again.append)
     assert search.restored
+    # the restored scheduler rewrote its record starting from what it replayed: the first run's
+    # results come first, as recorded (a scheduler restored without them would have dropped them)
+    assert json.loads(asha_file.read_text())["recorded"][:len(asha)] == asha
     started_again = {e["trial_id"] for e in again if e["kind"] == "start"}
     assert started_again and not started_again & set(ended_first)          # finished trials kept
     for trial_id in ended_first:                                           # and never rewritten
@@ -203,18 +215,20 @@ def test_sigterm_and_sighup_take_tunes_ordered_stop_and_a_second_signal_raises()
     for signum in STOP_SIGNALS:
         with interrupts.handled():
             ours = signal.getsignal(signal.SIGINT)
-            stops = _stop_tune_on(STOP_SIGNALS, ours)
+            stops, taken = {}, []
+            _stop_tune_on(STOP_SIGNALS, ours, stops, taken)
             try:
                 with pytest.raises(Interrupted) as early:      # Tune's handler not in place yet
                     os.kill(os.getpid(), signum)
                     time.sleep(1)
-                assert early.value.signum == signum
+                assert early.value.signum == signum and not taken
             finally:
                 for sig, handler in stops.items():
                     signal.signal(sig, handler)
         with interrupts.handled():
             ours = signal.getsignal(signal.SIGINT)
-            stops = _stop_tune_on(STOP_SIGNALS, ours)
+            stops, taken = {}, []
+            _stop_tune_on(STOP_SIGNALS, ours, stops, taken)
             stopped = threading.Event()
 
             def tune_handler(sig, frame):                     # what Tune's _setup_signal_catching does
@@ -224,7 +238,7 @@ def test_sigterm_and_sighup_take_tunes_ordered_stop_and_a_second_signal_raises()
                 signal.signal(signal.SIGINT, tune_handler)
                 os.kill(os.getpid(), signum)
                 time.sleep(0.2)
-                assert stopped.is_set() and interrupts.received() == signum
+                assert stopped.is_set() and interrupts.received() == signum and taken == [signum]
                 with pytest.raises(Interrupted) as second:     # a second signal: at once
                     os.kill(os.getpid(), signum)
                     time.sleep(1)
@@ -233,6 +247,15 @@ def test_sigterm_and_sighup_take_tunes_ordered_stop_and_a_second_signal_raises()
                 signal.signal(signal.SIGINT, ours)
                 for sig, handler in stops.items():
                     signal.signal(sig, handler)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)    # nohup: stays ignored
+    try:
+        stops = {}
+        _stop_tune_on(STOP_SIGNALS, signal.getsignal(signal.SIGINT), stops, [])
+        assert signal.SIGHUP not in stops and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        for sig, handler in stops.items():
+            signal.signal(sig, handler)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_work_dirs_of_ended_trial_processes_are_removed_and_live_ones_kept(tmp_path):
@@ -260,7 +283,7 @@ def test_ashas_rungs_survive_a_restore_and_stop_what_the_uninterrupted_search_st
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from flows.sweep_asha import RestorableASHA, _Seen
+    from flows.sweep_asha import RestorableASHA, _Seen, read_history
 
     def scheduler(cls, **extra):
         sched = cls(time_attr="train_minutes", max_t=4.0, grace_period=1.0, reduction_factor=2, **extra)
@@ -290,9 +313,12 @@ def test_ashas_rungs_survive_a_restore_and_stop_what_the_uninterrupted_search_st
     assert decisions == [TrialScheduler.STOP, TrialScheduler.STOP, TrialScheduler.CONTINUE]
     assert json.loads(history.read_text())["recorded"][-1] == ["bad", 1.0, -400.0]
 
-    history.write_text("{not json")                            # a damaged record is named
-    with pytest.raises(ValueError, match="s.asha.json"):
-        pickle.loads(pickled_at_creation).on_trial_add(None, bad)
+    history.write_text("{not json")                # a damaged record: named (run_search refuses
+    with pytest.raises(ValueError, match="s.asha.json: not a sweep's ASHA record"):   # to restore)
+        read_history(history)
+    late = pickle.loads(pickled_at_creation)       # and inside Tune, empty rungs rather than a crash
+    late.on_trial_add(None, bad)
+    assert all(not recorded for _, recorded in late.rungs())
 
 
 def test_the_tune_callback_pickles_without_the_tracking_uri():
