@@ -18,6 +18,7 @@ best checkpoint gets the pipeline's evaluate and register stages (the champion g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,6 +26,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,7 +49,8 @@ from diffusion.config import Config, ConfigError, load_config, redact_url  # noq
 from diffusion.search import draw_points, point_label, trial_config  # noqa: E402
 
 from flows.sweep_trials import (DIVERGED_FID, STOP_REASONS, parent_run, log_parent,  # noqa: E402
-                                 remove_orphaned_work_dirs, sweep_trial, trial_rows, tracker)
+                                 WORK_PREFIX, remove_orphaned_work_dirs, sweep_trial, trial_rows,
+                                 tracker)
 
 FLOW_NAME = "ddpm-sweep"
 __all__ = ["DIVERGED_FID", "STOP_REASONS", "SearchResult", "ddpm_sweep", "prepare_best", "register_best",
@@ -155,6 +158,23 @@ def _stop_tune_on(signals: tuple[int, ...], sigint_before: object, replaced: dic
             signal.signal(sig, stop)
 
 
+def _remove_trial_dirs(since: float, wait_s: float = 10.0) -> None:
+    """After a search on the local cluster: the work directories of its trials whose processes
+    are gone. Tune ends the trial actors as ``fit()`` returns, not before; wait up to ``wait_s``
+    for those made since ``since`` (wall clock) to go."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        remove_orphaned_work_dirs()
+        left = []
+        for d in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*-*"):
+            with contextlib.suppress(OSError):
+                if d.lstat().st_ctime >= since:
+                    left.append(d)
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+
+
 @dataclass
 class SearchResult:
     name: str                 # Tune's experiment name (sweep.name + hash)
@@ -252,6 +272,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
     stops: dict = {}
     taken: list[int] = []         # SIGTERM / SIGHUP handed to Tune's stop
+    fit_wall = time.time()
     try:
         _stop_tune_on(STOP_SIGNALS, saved[signal.SIGINT], stops, taken)
         grid = tuner.fit()
@@ -266,7 +287,7 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     interrupted = interrupted or bool(taken)      # also one that came as fit() returned
     rows = trial_rows(grid, track)
     if not os.environ.get("RAY_ADDRESS"):       # the trials ran on this machine
-        remove_orphaned_work_dirs()
+        _remove_trial_dirs(since=fit_wall)
     if interrupted:             # Tune stopped at the signal and kept its state
         track.close_unfinished()
         client.set_terminated(parent, "KILLED")

@@ -72,6 +72,7 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
                 ["train.lr"] != BAD_LR)
     cfg = load_config(None, overrides(sweep_root, seed))
     events = []
+    started_wall = time.time()
 
     def interrupt_after_two(event):          # `kill`: stopped in Ctrl-C's order (Tune's handler)
         events.append(event)
@@ -105,6 +106,8 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
         assert kept, (trial_id, sorted(map(str, checkpoints)))
         assert all(path.stat().st_mtime_ns == checkpoints[path] for path in kept)
 
+    import tempfile                              # the trials' work directories are gone
+    assert not [d for d in Path(tempfile.gettempdir()).glob("ddpm-trial-*-*") if d.lstat().st_ctime >= started_wall]
     rows = search.trials
     assert len(rows) == 4 and all(r["stop_reason"] in STOP_REASONS for r in rows)
     bad = next(r for r in rows if r["point"]["train.lr"] == BAD_LR)
