@@ -209,6 +209,7 @@ def ddpm_pipeline(params_file: str = "params.yaml", overrides: list[str] | None 
         try:
             return _pipeline(params_file, overrides, force, push)
         except interrupts.Interrupted as exc:
+            interrupts.record(exc.signum)     # raised where no handler recorded it (Ray's start)
             if not exc.reported:
                 console().line("interrupted between stages")
             _stop_ray()

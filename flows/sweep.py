@@ -18,7 +18,6 @@ best checkpoint gets the pipeline's evaluate and register stages (the champion g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +25,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -49,8 +47,7 @@ from diffusion.config import Config, ConfigError, load_config, redact_url  # noq
 from diffusion.search import draw_points, point_label, trial_config  # noqa: E402
 
 from flows.sweep_trials import (DIVERGED_FID, STOP_REASONS, parent_run, log_parent,  # noqa: E402
-                                 WORK_PREFIX, remove_orphaned_work_dirs, sweep_trial, trial_rows,
-                                 tracker)
+                                 remove_orphaned_work_dirs, sweep_trial, trial_rows, tracker)
 
 FLOW_NAME = "ddpm-sweep"
 __all__ = ["DIVERGED_FID", "STOP_REASONS", "SearchResult", "ddpm_sweep", "prepare_best", "register_best",
@@ -158,21 +155,15 @@ def _stop_tune_on(signals: tuple[int, ...], sigint_before: object, replaced: dic
             signal.signal(sig, stop)
 
 
-def _remove_trial_dirs(since: float, wait_s: float = 10.0) -> None:
-    """After a search on the local cluster: the work directories of its trials whose processes
-    are gone. Tune ends the trial actors as ``fit()`` returns, not before; wait up to ``wait_s``
-    for those made since ``since`` (wall clock) to go."""
+def _remove_trial_dirs(pids: set[int], wait_s: float = 10.0) -> None:
+    """After a search on the local cluster: remove the work directories its trials' processes
+    (``pids``, from their results) left. Tune ends the trial actors as ``fit()`` returns, not
+    before: wait up to ``wait_s`` for those processes to end first."""
+    from flows.sweep_trials import _alive
     deadline = time.monotonic() + wait_s
-    while True:
-        remove_orphaned_work_dirs()
-        left = []
-        for d in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*-*"):
-            with contextlib.suppress(OSError):
-                if d.lstat().st_ctime >= since:
-                    left.append(d)
-        if not left or time.monotonic() > deadline:
-            return
-        time.sleep(0.5)
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    remove_orphaned_work_dirs()
 
 
 @dataclass
@@ -272,7 +263,6 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
     stops: dict = {}
     taken: list[int] = []         # SIGTERM / SIGHUP handed to Tune's stop
-    fit_wall = time.time()
     try:
         _stop_tune_on(STOP_SIGNALS, saved[signal.SIGINT], stops, taken)
         grid = tuner.fit()
@@ -285,28 +275,36 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
         for sig, handler in {**saved, **stops}.items():
             signal.signal(sig, handler)
     interrupted = interrupted or bool(taken)      # also one that came as fit() returned
-    rows = trial_rows(grid, track)
-    if not os.environ.get("RAY_ADDRESS"):       # the trials ran on this machine
-        _remove_trial_dirs(since=fit_wall)
+    local = not os.environ.get("RAY_ADDRESS")     # the trials ran on this machine
     if interrupted:             # Tune stopped at the signal and kept its state
         track.close_unfinished()
         client.set_terminated(parent, "KILLED")
+        if local:
+            _remove_trial_dirs(track.pids)
         raise interrupts.Interrupted(interrupts.received() or signal.SIGINT)
-    for row in rows:            # stopped by the time budget: Tune calls no callback for those
-        if row["stop_reason"] == "unknown":
-            track.end_stopped(row["trial_id"], "budget")
-            row["stop_reason"] = "budget"
-    state_file = storage / f"{name}.sweep.json"
-    state = json.loads(state_file.read_text())
-    if state.get("ended_by") != "budget" and (len(rows) < len(points) or any(
-            r["stop_reason"] == "budget" for r in rows)):
-        # Tune saved its searcher finished: a re-run returns at once, with the same trials
-        state["ended_by"] = "budget"
-        state_file.write_text(json.dumps(state) + "\n")
-        client.set_tag(parent, "ended_by", "budget")
-    scored = [r for r in rows if r.get("checkpoint")]
-    best = min(scored, key=lambda r: r["best_quick_fid"]) if scored else None
-    log_parent(client, parent, rows, best)
+    try:
+        rows = trial_rows(grid, track)
+        if local:
+            _remove_trial_dirs(track.pids)
+        for row in rows:        # stopped by the time budget: Tune calls no callback for those
+            if row["stop_reason"] == "unknown":
+                track.end_stopped(row["trial_id"], "budget")
+                row["stop_reason"] = "budget"
+        state_file = storage / f"{name}.sweep.json"
+        state = json.loads(state_file.read_text())
+        if state.get("ended_by") != "budget" and (len(rows) < len(points) or any(
+                r["stop_reason"] == "budget" for r in rows)):
+            # Tune saved its searcher finished: a re-run returns at once, with the same trials
+            state["ended_by"] = "budget"
+            state_file.write_text(json.dumps(state) + "\n")
+            client.set_tag(parent, "ended_by", "budget")
+        scored = [r for r in rows if r.get("checkpoint")]
+        best = min(scored, key=lambda r: r["best_quick_fid"]) if scored else None
+        log_parent(client, parent, rows, best)
+    except BaseException as exc:
+        track.close_unfinished()
+        client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     client.set_terminated(parent, "FINISHED")
     return SearchResult(name, path, parent, uri, rows, best, restored, time.perf_counter() - started,
                         state.get("ended_by", "search"))
@@ -423,6 +421,7 @@ def ddpm_sweep(params_file: str = "params.yaml", overrides: list[str] | None = N
         try:
             return sweep_flow_body(params_file, overrides)
         except interrupts.Interrupted as exc:
+            interrupts.record(exc.signum)     # Tune's own stop (Ctrl-C) records nothing: the exit code
             console().line(f"interrupted ({exc}); run the same command again to resume the sweep")
             return Cancelled(message=str(exc))
 

@@ -157,6 +157,7 @@ class SweepTracker:
         self.last: dict[str, dict] = {}
         self.reasons: dict[str, str] = {}
         self.yardsticks: set[str] = set()
+        self.pids: set[int] = set()
         self._client = None
 
     def __getstate__(self) -> dict:
@@ -208,6 +209,8 @@ class SweepTracker:
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         from mlflow.entities import Metric
+        if isinstance(result.get("pid"), int):
+            self.pids.add(result["pid"])        # the trial's process (its work dir: ddpm-trial-<pid>-*)
         if "quick_fid" not in result:
             return
         self.last[trial.trial_id] = dict(result)

@@ -89,6 +89,9 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     asha_file = next((sweep_root / "tune").glob("default-*.asha.json"))
     asha = json.loads(asha_file.read_text())["recorded"]
     assert {trial_id for trial_id, _, _ in asha} >= set(ended_first)     # ASHA's rungs, for the restore
+    from flows.tracking import client_for, tracking_uri
+    parent_id = json.loads(next((sweep_root / "tune").glob("default-*.sweep.json")).read_text())["parent_run_id"]
+    assert client_for(tracking_uri(cfg)).get_run(parent_id).info.status == "KILLED"
     exp = next(p for p in (sweep_root / "tune").iterdir() if p.is_dir() and not p.name.endswith("-best"))
     checkpoints = {p: p.stat().st_mtime_ns for p in exp.rglob("checkpoint.pt")}
 
@@ -107,7 +110,16 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
         assert all(path.stat().st_mtime_ns == checkpoints[path] for path in kept)
 
     import tempfile                              # the trials' work directories are gone
-    assert not [d for d in Path(tempfile.gettempdir()).glob("ddpm-trial-*-*") if d.lstat().st_ctime >= started_wall]
+
+    from flows.sweep_trials import _alive
+    left = []
+    for d in Path(tempfile.gettempdir()).glob("ddpm-trial-*-*"):
+        try:
+            if d.lstat().st_ctime >= started_wall and not _alive(int(d.name.split("-")[2])):
+                left.append(d)
+        except (OSError, ValueError):
+            pass
+    assert not left
     rows = search.trials
     assert len(rows) == 4 and all(r["stop_reason"] in STOP_REASONS for r in rows)
     bad = next(r for r in rows if r["point"]["train.lr"] == BAD_LR)
@@ -149,7 +161,8 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
 def test_a_sweep_the_budget_ended_stays_ended_when_run_again(sweep_root):
     # Tune saves its searcher finished at the time budget: a re-run's fit() returns at once with
     # fewer trials than points, which is the end of the search, not an interrupt
-    cfg = load_config(None, overrides(sweep_root, 0) + ["sweep.budget_minutes=0.25", "sweep.name=budget"])
+    cfg = load_config(None, overrides(sweep_root, 0) + ["sweep.budget_minutes=0.25", "sweep.name=budget",
+                                                       "train.steps=100000"])   # never done in 15 s
     first = run_search(cfg)
     assert first.ended_by == "budget" and not first.restored
     again = run_search(cfg)
@@ -272,7 +285,7 @@ def test_work_dirs_of_ended_trial_processes_are_removed_and_live_ones_kept(tmp_p
     (orphan / "train" / "checkpoint.pt").write_bytes(b"x" * 1024)
     live = tmp_path / f"{WORK_PREFIX}{os.getppid()}-def"
     mine = tmp_path / f"{WORK_PREFIX}{os.getpid()}-ghi"
-    other = tmp_path / "ddpm-trial-notapid"
+    other = tmp_path / "ddpm-trial-12ab-x"                       # not a pid
     for d in (live, mine, other):
         d.mkdir()
     assert remove_orphaned_work_dirs(tmp_path) == [orphan]
@@ -322,6 +335,17 @@ def test_ashas_rungs_survive_a_restore_and_stop_what_the_uninterrupted_search_st
     late = pickle.loads(pickled_at_creation)       # and inside Tune, empty rungs rather than a crash
     late.on_trial_add(None, bad)
     assert all(not recorded for _, recorded in late.rungs())
+
+
+def test_an_interrupted_sweep_flow_ends_cancelled_with_the_signal_recorded(monkeypatch):
+    # Tune's own Ctrl-C stop records no signal; the flow does, so the command exits 130
+    import flows.sweep as sweep
+
+    def stopped_by_tune(params_file, overrides):
+        raise Interrupted(signal.SIGINT)
+    monkeypatch.setattr(sweep, "sweep_flow_body", stopped_by_tune)
+    state = sweep.ddpm_sweep.fn("params.yaml", [])
+    assert state.is_cancelled() and interrupts.received() == signal.SIGINT
 
 
 def test_the_tune_callback_pickles_without_the_tracking_uri():
