@@ -43,7 +43,7 @@ def startup(json_path: Path | None, stock: bool) -> None:
 
     import ray
 
-    from diffusion.hardware import cpu_description
+    from diffusion.hardware import cpu_description, cpu_flags
     # whether the environment's packages come compiled (`make env` does it; bench/RESULTS.md); where
     # Python may write bytecode, importing ray has just written this file anyway
     compiled = Path(importlib.util.cache_from_source(ray.__file__)).is_file()
@@ -67,7 +67,8 @@ def startup(json_path: Path | None, stock: bool) -> None:
                      "attempt": attempt, "to_first_step_s": round(first[0] - t0, 2), "ray_init_s": round(init_s, 2),
                      "call_s": round(total, 2), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
                      "bytecode_compiled": compiled, "dont_write_bytecode": sys.dont_write_bytecode,
-                     "cpu": cpu_description()})
+                     "cpu": cpu_description(),
+                     "flags": " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))))})
         print(f"{attempt}: first step after {first[0] - t0:.1f} s, ray_train() returned after {total:.1f} s")
     if json_path:
         with json_path.open("a") as f:

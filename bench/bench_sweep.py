@@ -78,9 +78,7 @@ def main() -> None:
         reasons: dict[str, int] = {}
         for row in search.trials:
             reasons[row["stop_reason"]] = reasons.get(row["stop_reason"], 0) + 1
-        record = {"date": datetime.date.today().isoformat(), "cpu": cpu_description(),
-                  "flags": " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))),
-                  "cores": os.cpu_count(), "python": platform.python_version(), "scheduler": scheduler,
+        record = {**_machine(), "scheduler": scheduler,
                   "budget_minutes": cfg.sweep.budget_minutes, "trial_minutes": cfg.train.budget_minutes,
                   "trials_planned": args.trials, "trials_started": len(search.trials),
                   "stop_reasons": reasons, "best_quick_fid": search.best and search.best["best_quick_fid"],
@@ -108,9 +106,7 @@ def main() -> None:
         train = train_stage(cfg, progress=False)
         seconds = time.perf_counter() - started
         metrics = evaluate_stage(cfg, progress=False)
-        _write(args.out, {"date": datetime.date.today().isoformat(), "cpu": cpu_description(),
-                          "flags": " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))),
-                          "cores": os.cpu_count(), "python": platform.python_version(), "scheduler": "main-job",
+        _write(args.out, {**_machine(), "scheduler": "main-job",
                           "budget_minutes": cfg.train.budget_minutes, "seconds": round(seconds, 1),
                           "steps_trained": train["step"], "precision": train["hardware"].get("precision"),
                           "ray_workers": train.get("world_size"), "full_fid": metrics["fid"],
@@ -118,6 +114,13 @@ def main() -> None:
                           "fid_samples": cfg.evaluate.fid_samples, "fid_seeds": cfg.evaluate.fid_seeds,
                           "recognised": metrics.get("confident_share"),
                           "label_agreement": metrics.get("label_agreement")})
+
+
+def _machine() -> dict:
+    """What every record names: the day, the CPU and its vector flags (bf16 or not), the cores."""
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_description(),
+            "flags": " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))),
+            "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def _write(path: Path, record: dict) -> None:

@@ -46,7 +46,8 @@ from prefect import flow  # noqa: E402
 from diffusion.config import Config, ConfigError, load_config, redact_url  # noqa: E402
 from diffusion.search import draw_points, point_label, trial_config  # noqa: E402
 
-from flows.sweep_trials import (DIVERGED_FID, STOP_REASONS, parent_run, log_parent,  # noqa: E402
+from flows import interrupts  # noqa: E402
+from flows.sweep_trials import (DIVERGED_FID, STOP_REASONS, _alive, parent_run, log_parent,  # noqa: E402
                                  remove_orphaned_work_dirs, sweep_trial, trial_rows, tracker)
 
 FLOW_NAME = "ddpm-sweep"
@@ -132,7 +133,6 @@ def _stop_tune_on(signals: tuple[int, ...], sigint_before: object, replaced: dic
     back), the handler that was there runs: :func:`flows.interrupts.handled`'s raises at once. A
     signal the process ignores (``nohup``) stays ignored. The handlers replaced go into
     ``replaced`` (none outside the main thread)."""
-    from flows import interrupts
     if threading.current_thread() is not threading.main_thread():
         return
     previous = {sig: signal.getsignal(sig) for sig in signals}
@@ -159,7 +159,6 @@ def _remove_trial_dirs(pids: set[int], wait_s: float = 10.0) -> None:
     """After a search on the local cluster: remove the work directories its trials' processes
     (``pids``, from their results) left. Tune ends the trial actors as ``fit()`` returns, not
     before: wait up to ``wait_s`` for those processes to end first."""
-    from flows.sweep_trials import _alive
     deadline = time.monotonic() + wait_s
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.25)
@@ -219,12 +218,13 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     uri = tracking_uri(cfg)
     restored = tune.Tuner.can_restore(str(path))
     history = storage / f"{name}.asha.json"          # ASHA's rungs, for a restore
+    state_file = storage / f"{name}.sweep.json"      # the parent run's id, how the search ended
     if restored:
         try:                                          # refused here: inside Tune it would restart the search
             read_history(history)
         except ValueError as exc:
             raise StageError(str(exc)) from None
-    parent = parent_run(cfg, uri, storage / f"{name}.sweep.json", name, points)
+    parent = parent_run(cfg, uri, state_file, name, points)
     client = client_for(uri)
     track = tracker(uri, parent, client.get_run(parent).info.experiment_id, s.budget_minutes * 60.0,
                     s.scheduler, on_event)
@@ -259,7 +259,6 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="quick_fid",
                                                         checkpoint_score_order="min"),
                 failure_config=tune.FailureConfig(max_failures=0)))
-    from flows import interrupts
     saved = {sig: signal.getsignal(sig) for sig in TUNE_SIGNALS}
     stops: dict = {}
     taken: list[int] = []         # SIGTERM / SIGHUP handed to Tune's stop
@@ -290,7 +289,6 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
             if row["stop_reason"] == "unknown":
                 track.end_stopped(row["trial_id"], "budget")
                 row["stop_reason"] = "budget"
-        state_file = storage / f"{name}.sweep.json"
         state = json.loads(state_file.read_text())
         if state.get("ended_by") != "budget" and (len(rows) < len(points) or any(
                 r["stop_reason"] == "budget" for r in rows)):
@@ -415,7 +413,6 @@ def ddpm_sweep(params_file: str = "params.yaml", overrides: list[str] | None = N
     KILLED) and end the flow run Cancelled; running it again resumes."""
     from prefect.states import Cancelled
 
-    from flows import interrupts
     from flows.console import console
     with interrupts.handled():      # in place of Prefect's SIGTERM handler while the flow runs
         try:
@@ -460,7 +457,6 @@ def _main(args: argparse.Namespace) -> int:
     except Exception as exc:      # Prefect itself could not start
         out.error(f"{FLOW_NAME} could not run: {type(exc).__name__}: {str(exc)[:2000]}")
         return 1
-    from flows import interrupts
     if state.is_cancelled() and interrupts.received():     # the console said so, at the time
         return 128 + interrupts.received()
     if not state.is_completed():

@@ -36,7 +36,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):     # another user's process; not a pid at all
+    except PermissionError:          # another user's process
         return True
     return True
 

@@ -21,7 +21,8 @@ WORKER_MEMORY_GIB = 6       # memory per worker: the whole machine peaked at 5.9
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # the CPUs shared out between the workers: torch's OpenMP threads spin while they wait, and
     # two workers' tests each running as many threads as the machine has CPUs were measured 5-10x
-    # slower (the 20-epoch digits classifier beside one busy process: 71 s with two threads, 13 s with one). Subprocesses and Ray workers inherit it.
+    # slower (the 20-epoch digits classifier beside one busy process: 71 s with two threads, 13 s
+    # with one). Subprocesses and Ray workers inherit it.
     _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ["OMP_NUM_THREADS"] = str(_threads)
     if "torch" in sys.modules:
