@@ -191,8 +191,10 @@ class SweepConfig:
     quick_fid_samples: int = _bound(200, ge=2)   # samples per quick FID (one seed, fp32, evaluate.sampler)
     checkpoint_every: int = _bound(100, ge=1)    # trials' train.checkpoint_every: steps between quick FIDs
     max_concurrent: Auto | int = _bound("auto", ge=1)  # auto: cluster CPUs (GPUs) / per trial, >= 1
-    cpus_per_trial: float = _bound(1.0, gt=0.0)
+    cpus_per_trial: float = _bound(1.0, gt=0.0)  # what one trial holds, all its workers together
     gpus_per_trial: float = _bound(0.0, ge=0.0)  # > 0: trials train on GPUs
+    workers_per_trial: int = _bound(1, ge=1)     # > 1: each trial is a Ray Train DDP run of this many
+                                                 # workers, sharing the trial's CPUs / GPUs equally
     seed: int = _bound(0, ge=0)                  # draws the trials' points from the space
     storage_path: str = "runs/sweep"             # Tune's experiment; a re-run of the same name resumes it
     name: str = "default"

@@ -40,9 +40,33 @@ try:      # Ray Train V2 internals (2.60); when they move, the stock trainer run
         def _maybe_send_resource_request(self) -> None:
             pass
 
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner as _cleaner_module
+
+    class GcsPlacementGroupCleaner(_cleaner_module.PlacementGroupCleaner):
+        """Ray Train's detached placement-group cleaner, asking the GCS whether the controller
+        lives: the stock one asks Ray's state API, which needs the dashboard that the local
+        cluster here does not start, so it never sees the controller die."""
+
+        def start_monitoring(self):
+            _cleaner_module.is_actor_alive = _actor_alive    # this actor's own process only
+            return super().start_monitoring()
+
+    class GcsPlacementGroupCleanerCallback(PlacementGroupCleanerCallback):
+        def after_controller_start(self, train_run_context) -> None:
+            from ray.train.v2._internal.callbacks import placement_group_callback
+            placement_group_callback.PlacementGroupCleaner = GcsPlacementGroupCleaner   # the controller's process
+            super().after_controller_start(train_run_context)
+
     _INTERNALS = True
 except ImportError:                                 # pragma: no cover - another Ray version
     _INTERNALS = False
+
+
+def _actor_alive(actor_id: str, timeout: float | None = None) -> bool:
+    """Whether the actor lives, from the GCS's actor table (no dashboard needed)."""
+    from ray._private import state
+    info = state.actors(actor_id)
+    return bool(info) and info.get("State") != "DEAD"
 
 
 @contextlib.contextmanager
@@ -74,3 +98,28 @@ def local_trainer_class(base: type) -> type:
 
     LocalTrainer.__name__ = LocalTrainer.__qualname__ = f"Local{base.__name__}"
     return LocalTrainer
+
+
+def trial_trainer_class(base: type) -> type:
+    """A subclass of the trainer class ``base`` for a sweep trial's run on the local cluster. The
+    cluster outlives the trial, whose actor Tune may end at any time (ASHA, the budget, an
+    interrupt): Ray Train's full start, with a placement-group cleaner that works without the
+    dashboard (:class:`GcsPlacementGroupCleaner`), so that a stopped trial's workers' CPUs are
+    freed within a second or so and the next trial can start."""
+    if not _INTERNALS or not hasattr(base, "_initialize_and_run_controller"):
+        return base
+
+    class TrialTrainer(base):
+        def _initialize_and_run_controller(self, **kwargs):
+            swapped = []
+            for c in kwargs.get("callbacks", []):
+                if type(c) is PlacementGroupCleanerCallback:
+                    gcs = object.__new__(GcsPlacementGroupCleanerCallback)
+                    gcs.__dict__.update(c.__dict__)
+                    c = gcs
+                swapped.append(c)
+            kwargs["callbacks"] = swapped
+            return super()._initialize_and_run_controller(**kwargs)
+
+    TrialTrainer.__name__ = TrialTrainer.__qualname__ = f"Trial{base.__name__}"
+    return TrialTrainer

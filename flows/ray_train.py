@@ -49,10 +49,11 @@ from diffusion.checkpoint import load_checkpoint
 from diffusion.config import Config, ConfigError, config_from_dict
 from diffusion.data import load_dataset
 from diffusion.prepare import dataset_version
-from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, train
+from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, NonFiniteLossError, train
 from flows.datasets import DatasetUnavailable, Remote, dvc_remote, obtain, remote_has
 from flows.provenance import source_digest
 from flows.ray_channel import RunChannel
+from flows.ray_report import ReportsToChannel
 
 
 class CodeMismatch(ConfigError):
@@ -249,7 +250,8 @@ def train_loop_per_worker(config: dict) -> None:
     if not cfg.ray.use_gpu:                      # one intra-op thread per CPU Ray granted us
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     workdir = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{rank}-"))
-    resume_from = ray.train.get_checkpoint()
+    # this run's own latest (a worker restarted), else the one the caller gave (a resumed trial)
+    resume_from = ray.train.get_checkpoint() or config.get("resume_from")
     if resume_from is not None:
         with resume_from.as_directory() as d:
             for name in (CHECKPOINT_NAME, METRICS_NAME):
@@ -262,6 +264,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     grids = bool(config.get("grids")) and cfg.tracking.grid_images > 0
     stop = StopWatch(channel)
+    trial = config.get("trial")              # a sweep's trial: rank 0 scores each checkpoint
+    score = None
+    if trial is not None and rank == 0:
+        from flows.sweep_trials import QuickFid
+        score = QuickFid(cfg, trial, workdir, str(ray.train.torch.get_device()))
 
     def on_metrics(step: int, metrics: dict) -> None:
         last_metrics.update(metrics, step=step)
@@ -276,6 +283,9 @@ def train_loop_per_worker(config: dict) -> None:
                   "image": sample_grid(path, t.grid_images, t.grid_steps)})
         metrics = {**last_metrics, "step": step, "resumed_from": resumed_from,
                    "world_size": ctx.get_world_size()}
+        if trial is not None:
+            from flows.sweep_trials import trial_progress
+            metrics.update(trial_progress(cfg, step, last_metrics), **(score(path) if score else {}))
         if rank == 0:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path.parent)))
         else:
@@ -286,6 +296,13 @@ def train_loop_per_worker(config: dict) -> None:
                        on_checkpoint=on_checkpoint, should_stop=stop.requested,
                        on_setup=lambda hw: emit({"kind": "setup", **hw, "resumed_from": resumed_from})
                        if rank == 0 else None)
+    except NonFiniteLossError as exc:        # every rank raises at the same step (the check is all-reduced)
+        if trial is None:
+            raise
+        from flows.sweep_trials import diverged, trial_progress
+        ray.train.report({**trial_progress(cfg, int(last_metrics.get("step", 0)), last_metrics),
+                          **diverged(exc)}, checkpoint=None)
+        return
     finally:
         stop.close()
     # every rank must hold the same weights: compare a checksum across the group
@@ -454,7 +471,9 @@ def data_source(cfg: Config, version: str | None = None) -> dict:
 def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
               on_event: Callable[[dict], None] | None = None,
               dataset: str | None = None,
-              should_stop: Callable[[], bool] | None = None) -> RayTrainResult:
+              should_stop: Callable[[], bool] | None = None, *,
+              source: dict | None = None, trial: dict | None = None,
+              resume_from: Checkpoint | None = None, local: bool | None = None) -> RayTrainResult | None:
     """Run DDP training on Ray and copy the final checkpoint to ``train.out_dir``. With
     ``mlflow_run = (tracking URI, run id)``, the driver logs rank 0's metrics and sample grids to
     that run; ``on_event`` receives rank 0's ``{"kind": "setup", ...}`` (resolved hardware) and
@@ -462,12 +481,23 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
     (how it obtained the dataset) on the driver. ``dataset``: the data version, when known.
     ``should_stop()`` (polled on the driver) asks the workers to stop: they checkpoint the step
     they reached, which is returned with ``stopped_by="interrupt"``; true before the workers
-    start, it raises :class:`flows.interrupts.Interrupted` instead."""
+    start, it raises :class:`flows.interrupts.Interrupted` instead.
+
+    For a sweep's trial (:func:`flows.sweep_trials.ddp_trial`): ``source``, the data source of
+    :func:`data_source` made on the sweep's driver; ``trial``, the sweep's setup: rank 0 scores
+    each checkpoint with its quick FID and every report comes to ``on_event`` as ``{"kind":
+    "report", "metrics", "checkpoint"}`` (the checkpoint as Ray Train persisted it), and None is
+    returned; ``resume_from``, the checkpoint to start from. ``local``: whether the cluster is
+    this process's own local one, which ends with it (default: no ``RAY_ADDRESS``); a trial passes
+    False (the sweep's cluster outlives it: Ray Train's full start, which removes the run's
+    placement group when the trial's actor is ended)."""
+    local = not os.environ.get("RAY_ADDRESS") if local is None else local
     init_ray()
     scaling = resolve_scaling(cfg, ray.cluster_resources(), cluster=cluster_name())
     cfg = resolved(cfg, scaling)
     r = cfg.ray
-    _check_local_resources(cfg)
+    if local:
+        _check_local_resources(cfg)
     if r.use_gpu:
         _gpu_preflight(cfg)
     if on_event is not None:
@@ -493,29 +523,34 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
 
     relay = EventRelay(deliver, should_stop)
     code = {**code_version(), "git": _git_commit()}
-    source = data_source(cfg, dataset)
-    if os.environ.get("RAY_ADDRESS") and source["remote"] and not remote_has(
+    source = source or data_source(cfg, dataset)
+    if not local and source["remote"] and not remote_has(
             source["version"], Remote(**source["remote"])):
         from flows.console import console             # say it before the workers fail
         console().warning(f"dataset version {source['version']} is not on the DVC remote "
                           f"{source['remote']['url']}: workers on nodes without "
                           f"{Path(cfg.data.prepared_dir).absolute()} cannot train; run dvc push")
     trainer_class, settings = TorchTrainer, contextlib.nullcontext()
-    if not os.environ.get("RAY_ADDRESS"):             # this process's own cluster: a lighter start
+    if local:                                         # this process's own cluster: a lighter start
         from flows.ray_local import local_settings, local_trainer_class
         trainer_class, settings = local_trainer_class(TorchTrainer), local_settings()
+    elif trial is not None and trial.get("local"):    # a trial on the sweep driver's local cluster
+        from flows.ray_local import trial_trainer_class
+        trainer_class = trial_trainer_class(TorchTrainer)
     if should_stop is not None:
         trainer_class = _keeping_signal_handlers(trainer_class)
     trainer = trainer_class(
         train_loop_per_worker,
         train_loop_config={"cfg": _absolute(cfg).to_dict(), "code": code,
                            "data": source, "events": relay.channel,
-                           "grids": tracker is not None},
+                           "grids": tracker is not None, "trial": trial,
+                           "resume_from": resume_from},    # Ray Train V2 takes no resume_from_checkpoint
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=r.max_failures)),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             callbacks=[ReportsToChannel(relay.channel)] if trial is not None else None),
     )
     try:
         if should_stop is not None and should_stop():    # before Ray Train starts any worker
@@ -533,6 +568,10 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
         relay.close()
         if tracker is not None:
             tracker.close()
+    if trial is not None:                    # its checkpoints went to Tune with its reports
+        if relay.error is not None:
+            raise relay.error
+        return None
     if result.checkpoint is None:
         raise RuntimeError(f"Ray run {run_name!r} reported no checkpoint")
     out = Path(cfg.train.out_dir)

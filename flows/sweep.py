@@ -155,14 +155,26 @@ def _stop_tune_on(signals: tuple[int, ...], sigint_before: object, replaced: dic
             signal.signal(sig, stop)
 
 
-def _remove_trial_dirs(pids: set[int], wait_s: float = 10.0) -> None:
+def train_storage(cfg: Config) -> str:
+    """Where the Ray Train runs of trials with several workers keep their checkpoints until Tune
+    has copied them: ``ray.storage_path/sweeps`` (an ``s3://`` one on a cluster of several nodes)."""
+    r = cfg.ray.storage_path
+    return f"{r.rstrip('/')}/sweeps" if "://" in r else str(Path(r).absolute() / "sweeps")
+
+
+def _remove_trial_dirs(pids: set[int], cfg: Config, name: str, wait_s: float = 10.0) -> None:
     """After a search on the local cluster: remove the work directories its trials' processes
-    (``pids``, from their results) left. Tune ends the trial actors as ``fit()`` returns, not
-    before: wait up to ``wait_s`` for those processes to end first."""
+    (``pids``, from their results) left, and the Ray Train runs of this sweep's trials (each
+    removes its own as it ends; a stopped one may not). Tune ends the trial actors as ``fit()``
+    returns, not before: wait up to ``wait_s`` for those processes to end first."""
     deadline = time.monotonic() + wait_s
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.25)
     remove_orphaned_work_dirs()
+    runs = train_storage(cfg)
+    if "://" not in runs:
+        for d in Path(runs).glob(f"{name}-trial-*"):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass
@@ -211,11 +223,15 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     if s.gpus_per_trial > 0 and resources.get("GPU", 0) < s.gpus_per_trial:
         raise ConfigError(f"sweep.gpus_per_trial = {s.gpus_per_trial:g}: {cluster_name()} has "
                           f"{resources.get('GPU', 0):g} GPUs")
+    if not os.environ.get("RAY_ADDRESS") and resources.get("CPU", 0) < s.cpus_per_trial:
+        raise ConfigError(f"sweep.cpus_per_trial = {s.cpus_per_trial:g}: {cluster_name()} has "
+                          f"{resources.get('CPU', 0):g} CPUs; lower it, or set RAY_ADDRESS to a larger cluster")
     name = sweep_name(cfg, version, extractor.sha256)
     storage = Path(s.storage_path).absolute()
     path = storage / name
     points = [{"index": i, **p} for i, p in enumerate(draw_points(s.space, s.trials, s.seed))]
     uri = tracking_uri(cfg)
+    local = not os.environ.get("RAY_ADDRESS")     # the trials run on this machine
     restored = tune.Tuner.can_restore(str(path))
     history = storage / f"{name}.asha.json"          # ASHA's rungs, for a restore
     state_file = storage / f"{name}.sweep.json"      # the parent run's id, how the search ended
@@ -234,9 +250,14 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
              "extractor": Path(cfg.extractor.path).read_bytes(), "extractor_sha256": extractor.sha256,
              "reference_cache": cache, "quick_fid_samples": s.quick_fid_samples,
              "checkpoint_every": s.checkpoint_every,
-             "cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial}
+             "cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial,
+             "workers_per_trial": s.workers_per_trial, "sweep": name, "local": local,
+             "train_storage": train_storage(cfg)}
+    # a trial of several Ray Train workers holds no CPU itself (its workers hold the trial's); Tune
+    # needs some resource for it: a MiB of memory
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup),
-                                    {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+                                    {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
+                                    if s.workers_per_trial == 1 else {"cpu": 0, "memory": 2 ** 20})
     param_space = {"trial": tune.grid_search(points)}
     if restored:
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, param_space=param_space)
@@ -274,17 +295,16 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
         for sig, handler in {**saved, **stops}.items():
             signal.signal(sig, handler)
     interrupted = interrupted or bool(taken)      # also one that came as fit() returned
-    local = not os.environ.get("RAY_ADDRESS")     # the trials ran on this machine
     if interrupted:             # Tune stopped at the signal and kept its state
         track.close_unfinished()
         client.set_terminated(parent, "KILLED")
         if local:
-            _remove_trial_dirs(track.pids)
+            _remove_trial_dirs(track.pids, cfg, name)
         raise interrupts.Interrupted(interrupts.received() or signal.SIGINT)
     try:
         rows = trial_rows(grid, track)
         if local:
-            _remove_trial_dirs(track.pids)
+            _remove_trial_dirs(track.pids, cfg, name)
         for row in rows:        # stopped by the time budget: Tune calls no callback for those
             if row["stop_reason"] == "unknown":
                 track.end_stopped(row["trial_id"], "budget")

@@ -71,36 +71,71 @@ def _work_dir() -> Path:
     return work
 
 
+def trial_progress(cfg: Config, step: int, last: dict) -> dict:
+    """What each report of a trial carries besides its score: the step, the loss, the training
+    minutes (ASHA's time) and whether the trial has reached its end (``final``)."""
+    minutes = last.get("train_loop_seconds", 0.0) / 60.0
+    budget = cfg.train.budget_minutes
+    return {"step": step, "loss": last.get("loss", math.nan), "train_minutes": minutes,
+            "final": step >= cfg.train.steps or (budget > 0 and minutes >= budget)}
+
+
+def diverged(exc: Exception) -> dict:
+    """The score of a trial whose loss became NaN: a finished trial, ranked last, no checkpoint."""
+    return {"quick_fid": DIVERGED_FID, "yardstick": "", "diverged": True, "error": str(exc), "final": True}
+
+
+class QuickFid:
+    """The sweep's yardstick in the process that scores a trial's checkpoints (the trial's own, or
+    rank 0 of its Ray Train workers): the sweep's extractor, sent by value and checked against its
+    digest, and :func:`diffusion.evaluate.quick_fid` with the sweep's reference statistics.
+    ``cfg.data.prepared_dir`` must be where this process obtained the data."""
+
+    def __init__(self, cfg: Config, setup: dict, work: Path, device: str) -> None:
+        from flows.stages import load_extractor
+        (work / "extractor.pt").write_bytes(setup["extractor"])
+        self.cfg = dataclasses.replace(
+            cfg, extractor=dataclasses.replace(cfg.extractor, path=str(work / "extractor.pt")),
+            evaluate=dataclasses.replace(cfg.evaluate, reference_cache=setup["reference_cache"]))
+        self.extractor = load_extractor(self.cfg)
+        if self.extractor.sha256 != setup["extractor_sha256"]:
+            raise RuntimeError("the trial's extractor differs from the sweep's")
+        self.samples, self.device = setup["quick_fid_samples"], device
+
+    def __call__(self, checkpoint: Path) -> dict:
+        from diffusion.evaluate import quick_fid
+        q = quick_fid(checkpoint, self.cfg, self.extractor, samples=self.samples, device=self.device)
+        return {"quick_fid": min(q["fid"], DIVERGED_FID), "yardstick": q["yardstick"], "diverged": False}
+
+
 def sweep_trial(config: dict, setup: dict) -> None:
     """One trial (a Ray Tune function trainable): train the point's configuration, report a
-    quick FID with a checkpoint at every ``sweep.checkpoint_every`` steps."""
+    quick FID with a checkpoint at every ``sweep.checkpoint_every`` steps. With
+    ``sweep.workers_per_trial`` > 1 the trial is a Ray Train run of that many DDP workers
+    (:func:`ddp_trial`); else it trains in this process."""
     import torch
     from ray import tune
 
     from diffusion.data import load_dataset
-    from diffusion.evaluate import quick_fid
     from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, train
     from flows.datasets import Remote, obtain
     from flows.ray_train import _check_code
-    from flows.stages import load_extractor
 
     _check_code(setup["code"])
     point = {k: v for k, v in config["trial"].items() if k != "index"}
     cfg = trial_config(config_from_dict(setup["base"], "sweep base config"), point)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=setup["checkpoint_every"]))
+    if setup.get("workers_per_trial", 1) > 1:
+        return ddp_trial(cfg, setup)
     data = setup["data"]
     got = obtain(data["version"], cfg.data.prepared_dir, Remote(**data["remote"]) if data.get("remote") else None)
     work = _work_dir()
     try:      # Tune copies each reported checkpoint into its storage at tune.report
-        (work / "extractor.pt").write_bytes(setup["extractor"])         # the sweep's, by value
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(got.path)),
-            train=dataclasses.replace(cfg.train, out_dir=str(work / "train"),
-                                      checkpoint_every=setup["checkpoint_every"]),
-            extractor=dataclasses.replace(cfg.extractor, path=str(work / "extractor.pt")),
-            evaluate=dataclasses.replace(cfg.evaluate, reference_cache=setup["reference_cache"]))
-        extractor = load_extractor(cfg)
-        if extractor.sha256 != setup["extractor_sha256"]:
-            raise RuntimeError("the trial's extractor differs from the sweep's")
+            train=dataclasses.replace(cfg.train, out_dir=str(work / "train")))
+        device = "cuda" if setup["gpus_per_trial"] > 0 and torch.cuda.is_available() else "cpu"
+        score = QuickFid(cfg, setup, work, device)
         if setup["gpus_per_trial"] <= 0:
             torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
         out = Path(cfg.train.out_dir)
@@ -112,27 +147,80 @@ def sweep_trial(config: dict, setup: dict) -> None:
                     if (Path(d) / name).exists():
                         shutil.copy(Path(d) / name, out / name)
         last: dict[str, float] = {}
-        device = "cuda" if setup["gpus_per_trial"] > 0 and torch.cuda.is_available() else "cpu"
-
-        def progress(step: int) -> dict:
-            minutes = last.get("train_loop_seconds", 0.0) / 60.0
-            budget = cfg.train.budget_minutes
-            return {"step": step, "loss": last.get("loss", math.nan), "train_minutes": minutes,
-                    "final": step >= cfg.train.steps or (budget > 0 and minutes >= budget)}
 
         def on_checkpoint(step: int, path: Path) -> None:
-            q = quick_fid(path, cfg, extractor, samples=setup["quick_fid_samples"], device=device)
-            tune.report({"quick_fid": min(q["fid"], DIVERGED_FID), "yardstick": q["yardstick"], "diverged": False,
-                         **progress(step)}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+            tune.report({**score(path), **trial_progress(cfg, step, last)},
+                        checkpoint=tune.Checkpoint.from_directory(str(out)))
 
         try:
             train(cfg, load_dataset(cfg.data), progress=False, on_metrics=lambda s, m: last.update(m, step=s),
                   on_checkpoint=on_checkpoint)
         except NonFiniteLossError as exc:       # a finished trial, ranked last; no checkpoint to keep
-            tune.report({"quick_fid": DIVERGED_FID, "yardstick": "", "diverged": True, "error": str(exc),
-                         **progress(int(last.get("step", 0))), "final": True})
+            tune.report({**trial_progress(cfg, int(last.get("step", 0)), last), **diverged(exc)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def ddp_trial(cfg: Config, setup: dict) -> None:
+    """A trial as a Ray Train run (:func:`flows.ray_train.ray_train`) of
+    ``sweep.workers_per_trial`` DDP workers, which share the trial's CPUs (GPUs) and its global
+    batch: rank 0 scores each checkpoint, Ray Train persists it under ``setup["train_storage"]``,
+    and this function, Tune's, reports both to Tune, which copies the checkpoint into the trial.
+    A resumed trial starts its workers from Tune's last checkpoint. When Tune stops the trial
+    (ASHA, the budget, an interrupt), the workers are asked to stop; if Tune ends this actor
+    first, Ray ends the run's actors with it (they are its children)."""
+    import queue
+    import threading
+    import uuid
+
+    from ray import tune
+
+    from flows.ray_train import ray_run_name, ray_train
+    n = int(setup["workers_per_trial"])
+    gpus = setup["gpus_per_trial"]
+    trial_id = tune.get_context().get_trial_id()
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(
+        cfg.ray, num_workers=n, use_gpu=gpus > 0, cpus_per_worker=setup["cpus_per_trial"] / n,
+        gpus_per_worker=gpus / n if gpus > 0 else cfg.ray.gpus_per_worker, max_failures=0,
+        storage_path=setup["train_storage"], run_name=f"{setup['sweep']}-trial-{trial_id}-{uuid.uuid4().hex[:6]}"))
+    reports: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    outcome: dict = {}
+    resume = tune.get_checkpoint()          # in Tune's thread: its session is this thread's
+
+    def run() -> None:
+        try:
+            ray_train(cfg, on_event=lambda e: reports.put(e) if e.get("kind") == "report" else None,
+                      should_stop=stop.is_set, source=setup["data"], trial=setup,
+                      resume_from=resume, local=False)   # the cluster outlives the trial
+        except BaseException as exc:   # noqa: BLE001 - raised in Tune's thread below
+            outcome["error"] = exc
+        finally:
+            reports.put(None)
+
+    # Tune stops a function trainable by setting its session's stop event (Tune 2.60), which this
+    # thread sees only when it reports: watch it too, so that a stop between two reports ends the
+    # Ray Train run (its workers hold the trial's CPUs) at once
+    from ray.train._internal.session import get_session
+    stopping = getattr(get_session(), "stop_event", None) or threading.Event()
+    runner = threading.Thread(target=run, name="sweep-trial-ray-train", daemon=True)
+    runner.start()
+    try:
+        while not stopping.is_set():
+            try:
+                event = reports.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if event is None:
+                break
+            tune.report(event["metrics"], checkpoint=event["checkpoint"])
+    finally:            # the run is over, or Tune stopped the trial (its report raises then)
+        stop.set()
+        runner.join()
+        if setup["local"] and "://" not in setup["train_storage"]:
+            shutil.rmtree(Path(setup["train_storage"]) / ray_run_name(cfg), ignore_errors=True)
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 # ------------------------------------------------------------------------------ on the driver

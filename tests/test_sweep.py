@@ -157,6 +157,52 @@ def test_tiny_sweep_asha_stops_the_bad_trial_resumes_and_registers_the_best(swee
     assert client.get_run(search.parent_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow(minutes=2.5)
+def test_trials_of_two_ray_train_workers_report_score_and_resume_from_tunes_checkpoint(sweep_root):
+    # sweep.workers_per_trial=2: each trial is a Ray Train run of 2 DDP workers on the trial's 2
+    # CPUs; rank 0 scores, Tune keeps the checkpoints. Interrupted as trial 0 reports its second
+    # checkpoint (Tune registers a checkpoint after its result's callbacks, so the first is the last
+    # it holds), the sweep resumes that trial from it: its workers start at that step
+    cfg = load_config(None, overrides(sweep_root, 0) + [
+        "sweep.name=ddp", "sweep.space={train.lr: [3.0e-3, 4.0e-3]}", "sweep.trials=2", "sweep.scheduler=none",
+        "sweep.workers_per_trial=2", "sweep.cpus_per_trial=2", f"ray.storage_path={sweep_root / 'ray'}"])
+    first = []
+
+    def interrupt_at_second_report(event):
+        first.append(event)
+        if event["kind"] == "result" and event["step"] == 2 * EVERY:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with interrupts.handled():
+        with pytest.raises(Interrupted):
+            run_search(cfg, interrupt_at_second_report)
+    stopped = next(e["trial_id"] for e in first if e["kind"] == "result")
+    with interrupts.handled():
+        search = run_search(cfg)
+    assert search.restored and len(search.trials) == 2
+    assert all(r["stop_reason"] == "completed" and r["steps"] == STEPS and r["checkpoint"] for r in search.trials)
+    results = {}
+    for line_file in search.path.glob("*/result.json"):
+        rows = [json.loads(x) for x in line_file.read_text().splitlines()]
+        results[rows[0]["trial_id"]] = rows
+    assert set(results) == {r["trial_id"] for r in search.trials}
+    for trial_id, rows in results.items():
+        assert {r["world_size"] for r in rows} == {2}                          # DDP in each trial
+        assert all(r["yardstick"] == rows[0]["yardstick"] and 0 < r["quick_fid"] for r in rows)
+    resumed = [r for r in results[stopped] if r["step"] > 2 * EVERY]
+    assert resumed and {r["resumed_from"] for r in resumed} == {EVERY}   # Tune's checkpoint, not step 0
+    from flows.tracking import client_for
+    client = client_for(search.tracking_uri)
+    for row in search.trials:
+        steps = [m.step for m in client.get_metric_history(row["mlflow_run_id"], "quick_fid")]
+        assert sorted(set(steps)) == list(range(EVERY, STEPS + 1, EVERY))
+        if row["trial_id"] != stopped:
+            assert sorted(steps) == list(range(EVERY, STEPS + 1, EVERY))       # each report once
+    assert not list((sweep_root / "ray" / "sweeps").glob("ddp-*"))      # Ray Train's copies removed
+    best = prepare_best(cfg, search)
+    assert (Path(best.train.out_dir) / "checkpoint.pt").is_file()
+
+
 @pytest.mark.slow(minutes=1.5)
 def test_a_sweep_the_budget_ended_stays_ended_when_run_again(sweep_root):
     # Tune saves its searcher finished at the time budget: a re-run's fit() returns at once with
