@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,48 @@ def test_a_sweep_the_budget_ended_stays_ended_when_run_again(sweep_root):
     from flows.tracking import client_for
     parent = client_for(again.tracking_uri).get_run(again.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ended_by"] == "budget"
+
+
+@pytest.mark.slow(minutes=2.5)
+@pytest.mark.timeout(900)
+def test_the_sweep_command_stopped_by_sigterm_exits_143_and_its_rerun_resumes_and_registers(sweep_root, tmp_path):
+    # `python -m flows.sweep` itself (the supervisor, the flow, Tune): SIGTERM (`kill`) to the
+    # command once a trial ended -> Tune's ordered stop, exit 128 + 15, the sweep's state kept and
+    # every process it started gone; the same command again resumes and registers the best
+    from tests.test_interrupts import _finish, _processes_with, _read_until
+    marker = ("DDPM_TEST_JOB", uuid.uuid4().hex)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), marker[0]: marker[1]}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "flows.sweep", "--params", str(REPO / "params.yaml"),
+           *overrides(sweep_root, 0), "sweep.name=command", "sweep.space={train.lr: [3.0e-3, 4.0e-3]}",
+           "sweep.trials=2", "sweep.scheduler=none", f"tracking.local_dir={tmp_path / 'mlflow'}"]
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _read_until(proc, lines, r"^  sweep: trial \d ended \(completed\)", timeout=600)
+        os.kill(proc.pid, signal.SIGTERM)
+        code, _ = _finish(proc, lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    shown = "".join(lines)
+    assert code == 143, shown
+    assert "interrupted (" in shown and "run the same command again to resume the sweep" in shown, shown
+    assert "error" not in shown.lower(), shown
+    assert _processes_with(f"{marker[0]}={marker[1]}") == []      # Ray, Prefect's server: all gone
+    state = json.loads(next((sweep_root / "tune").glob("command-*.sweep.json")).read_text())
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 trials (resumed)" in again.stdout and "-> alias 'champion'" in again.stdout, again.stdout
+    assert again.stdout.count("ended (completed)") == 1, again.stdout        # the finished trial kept
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
 
 
 def test_a_bad_space_is_refused_at_load_with_its_key_paths(tmp_path):
