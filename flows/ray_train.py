@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -314,12 +315,34 @@ def train_loop_per_worker(config: dict) -> None:
         raise RuntimeError(f"ranks disagree on the weights after training (checksums {lo} .. {hi})")
 
 
+INIT_LOCK = threading.Lock()     # one start at a time: a start begun early is waited for
+
+
+def start_early() -> None:
+    """:func:`init_ray`, for a daemon thread begun while the stages before training run (the
+    pipeline: prepare, validate, DVC, the extractor), so that training finds the cluster up: the
+    first :func:`init_ray` after it waits for it. A failure is logged and left for that call to
+    meet again, in the stage that needs Ray, where it is raised. Once the cluster is up this does
+    not return: Ray starts a local cluster's GCS and raylet with ``PR_SET_PDEATHSIG``, which Linux
+    sends when the *thread* that started them ends, so that thread must outlive the cluster."""
+    try:
+        init_ray()
+    except BaseException:   # noqa: BLE001 - see above
+        logging.getLogger(__name__).warning("starting Ray early failed", exc_info=True)
+        return
+    threading.Event().wait()
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to RAY_ADDRESS when set, else start a local cluster sized to this machine: its
     CPUs and the CUDA devices torch sees (Ray's own GPU detection is not consulted, so the
     cluster offers exactly the GPUs the training code can use)."""
-    if ray.is_initialized():
-        return
+    with INIT_LOCK:
+        if not ray.is_initialized():
+            _init_ray(address)
+
+
+def _init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # ray.init replaces the process's SIGTERM handler with sys.exit; the job's own handler
     # (flows/interrupts.py: stop training at a step, checkpoint it) is put back after it

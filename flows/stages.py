@@ -140,7 +140,10 @@ def _train_stage(cfg: Config, progress: bool, tags: dict[str, str] | None) -> di
     # in-process training resumes from train.out_dir; Ray workers say where they resumed from
     resumes_from = None if cfg.ray.enabled else checkpoint_step(Path(cfg.train.out_dir) / CHECKPOINT_NAME)
 
-    def on_setup(hardware: dict) -> None:
+    first_step: dict[str, float] = {}
+
+    def on_setup(hardware: dict) -> None:          # just before the first step (rank 0's)
+        first_step.setdefault("seconds", round(time.perf_counter() - started, 2))
         if progress:
             console().hardware("train", {**hardware, **scaling})
             step = hardware.get("resumed_from", resumes_from)
@@ -205,6 +208,9 @@ def _train_stage(cfg: Config, progress: bool, tags: dict[str, str] | None) -> di
     seconds = time.perf_counter() - started
     client.log_metric(run_id, "train_seconds", seconds, step=step)
     client.log_metric(run_id, "train_loop_seconds", extra["train_loop_seconds"], step=step)
+    if first_step:            # the stage's start-up: Ray's included (bench/RESULTS.md)
+        client.log_metric(run_id, "seconds_to_first_step", first_step["seconds"], step=step)
+        extra["seconds_to_first_step"] = first_step["seconds"]
     client.set_tag(run_id, "stopped_by", extra["stopped_by"])
     log_hardware(client, run_id, "train", hardware)
     client.set_terminated(run_id, "FINISHED")

@@ -46,9 +46,14 @@ def test_two_workers_match_one_process_with_double_batch(tmp_path):
     import signal
     ours = {sig: (lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     before = {sig: signal.signal(sig, handler) for sig, handler in ours.items()}
-    ray.shutdown()                                      # init_ray starts the cluster under them
+    ray.shutdown()                                      # init_ray starts the cluster under them,
+    import threading                                    # begun early in a thread as the pipeline
+    from flows.ray_train import start_early             # does: the call waits for that start (a
+    early = threading.Thread(target=start_early, daemon=True)   # second ray.init would raise),
+    early.start()                                       # and the cluster outlives the start
     try:
         result = ray_train(cfg, on_event=events.append, should_stop=lambda: False)
+        assert early.is_alive() and ray.is_initialized()    # the thread holds the cluster's life
         assert {sig: signal.getsignal(sig) for sig in ours} == ours
     finally:
         for sig, handler in before.items():
