@@ -144,6 +144,8 @@ def _train_stage(cfg: Config, progress: bool, tags: dict[str, str] | None) -> di
 
     def on_setup(hardware: dict) -> None:          # just before the first step (rank 0's)
         first_step.setdefault("seconds", round(time.perf_counter() - started, 2))
+        if "ray_call" in first_step:               # Ray's part: ray_train() called to the first step
+            first_step.setdefault("ray", round(time.perf_counter() - first_step["ray_call"], 2))
         if progress:
             console().hardware("train", {**hardware, **scaling})
             step = hardware.get("resumed_from", resumes_from)
@@ -172,6 +174,7 @@ def _train_stage(cfg: Config, progress: bool, tags: dict[str, str] | None) -> di
 
     try:
         if cfg.ray.enabled:
+            first_step["ray_call"] = time.perf_counter()
             with interrupts.deferred():
                 r = ray_train(cfg, (uri, run_id), on_event=on_event, dataset=version,
                               should_stop=interrupts.requested)
@@ -208,9 +211,12 @@ def _train_stage(cfg: Config, progress: bool, tags: dict[str, str] | None) -> di
     seconds = time.perf_counter() - started
     client.log_metric(run_id, "train_seconds", seconds, step=step)
     client.log_metric(run_id, "train_loop_seconds", extra["train_loop_seconds"], step=step)
-    if first_step:            # the stage's start-up: Ray's included (bench/RESULTS.md)
+    if "seconds" in first_step:   # the stage's start-up, and Ray's part of it (bench/RESULTS.md)
         client.log_metric(run_id, "seconds_to_first_step", first_step["seconds"], step=step)
         extra["seconds_to_first_step"] = first_step["seconds"]
+    if "ray" in first_step:
+        client.log_metric(run_id, "ray_seconds_to_first_step", first_step["ray"], step=step)
+        extra["ray_seconds_to_first_step"] = first_step["ray"]
     client.set_tag(run_id, "stopped_by", extra["stopped_by"])
     log_hardware(client, run_id, "train", hardware)
     client.set_terminated(run_id, "FINISHED")
