@@ -15,6 +15,7 @@ deployment (in-process training) in tests/test_prefect.py; that ray.init and Ray
 job's SIGTERM and SIGINT handlers in place is checked in tests/test_ray.py. (Until 2026-12-02 a
 second main job, resumed, got SIGTERM during Ray training here as well.)"""
 
+import json
 import os
 import re
 import signal
@@ -113,6 +114,12 @@ def test_first_run_on_an_empty_home_then_ctrl_c_and_a_resumed_run(tmp_path):
     runs = store.search_runs([e.experiment_id for e in store.search_experiments()],
                              order_by=["attributes.start_time ASC"])
     assert runs[0].info.status == "KILLED" and runs[1:] and {r.info.status for r in runs[1:]} == {"FINISHED"}
+    # the train stage's start-up and Ray's part of it (ray_train() to rank 0's first step; the
+    # cluster itself was started early, while the first stages ran), recorded with the run
+    info = json.loads((root / "runs" / "default" / "run.json").read_text())
+    assert 0 < info["ray_seconds_to_first_step"] <= info["seconds_to_first_step"]
+    trained = store.get_run(info["mlflow_run_id"]).data.metrics
+    assert trained["ray_seconds_to_first_step"] == info["ray_seconds_to_first_step"]
     with sqlite3.connect(home / ".prefect" / "prefect.db") as db:
         states = [s for (s,) in db.execute("SELECT state_type FROM flow_run ORDER BY created")]
     assert states == ["CANCELLED", "COMPLETED"]
