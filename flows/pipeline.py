@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -193,30 +192,18 @@ def _stop_ray(flow=None, flow_run=None, state=None) -> None:
     """Cancelling the flow stops the Ray job: shutting the driver down ends its workers (and the
     local cluster the job started), after a start begun early has ended."""
     try:
-        import ray
-        started = sys.modules.get("flows.ray_train")
-        lock = getattr(started, "INIT_LOCK", None)
-        held = lock.acquire(timeout=120) if lock is not None else False
-        try:
-            if ray.is_initialized():
-                ray.shutdown()
-        finally:
-            if held:
-                lock.release()
+        from flows import ray_early
+        ray_early.stop()
     except Exception:   # noqa: BLE001 - best effort while the run is being torn down
         pass
 
 
 def _start_ray_early(cfg: Config) -> None:
-    """Start Ray (:func:`flows.ray_train.start_early`) while the first stages run: training then
-    finds it up. Only when this run will train on Ray (not with ``ray.enabled = false``)."""
-    if not cfg.ray.enabled:
-        return
-
-    def start() -> None:
-        from flows.ray_train import start_early       # torch and Ray imported here, not in the stages
-        start_early()
-    threading.Thread(target=start, name="ray-early-start", daemon=True).start()
+    """Start Ray (:mod:`flows.ray_early`) while the first stages run: training then finds it up.
+    Only when this run trains on Ray (not with ``ray.enabled = false``)."""
+    if cfg.ray.enabled:
+        from flows import ray_early
+        ray_early.start()
 
 
 @flow(name=FLOW_NAME, on_cancellation=[_stop_ray], on_crashed=[_stop_ray], log_prints=True)

@@ -54,7 +54,6 @@ from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, RESUMABLE_KEYS, Non
 from flows.datasets import DatasetUnavailable, Remote, dvc_remote, obtain, remote_has
 from flows.provenance import source_digest
 from flows.ray_channel import RunChannel
-from flows.ray_report import ReportsToChannel
 
 
 class CodeMismatch(ConfigError):
@@ -250,62 +249,66 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(got.path)))
     if not cfg.ray.use_gpu:                      # one intra-op thread per CPU Ray granted us
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    workdir = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{rank}-"))
-    # this run's own latest (a worker restarted), else the one the caller gave (a resumed trial)
-    resume_from = ray.train.get_checkpoint() or config.get("resume_from")
-    if resume_from is not None:
-        with resume_from.as_directory() as d:
-            for name in (CHECKPOINT_NAME, METRICS_NAME):
-                if (Path(d) / name).exists():
-                    shutil.copy(Path(d) / name, workdir / name)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(workdir)))
-    last_metrics: dict = {}
-    resumed_from = int(load_checkpoint(workdir / CHECKPOINT_NAME)["step"]) \
-        if (workdir / CHECKPOINT_NAME).exists() else 0
+    with contextlib.ExitStack() as cleanup:      # what Ray Train persisted at each report stays
+        workdir = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{rank}-"))
+        cleanup.callback(shutil.rmtree, workdir, True)
+        # this run's own latest (a worker restarted), else the one the caller gave (a resumed trial)
+        resume_from = ray.train.get_checkpoint() or config.get("resume_from")
+        if resume_from is not None:
+            with resume_from.as_directory() as d:
+                for name in (CHECKPOINT_NAME, METRICS_NAME):
+                    if (Path(d) / name).exists():
+                        shutil.copy(Path(d) / name, workdir / name)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(workdir)))
+        last_metrics: dict = {}
+        resumed_from = int(load_checkpoint(workdir / CHECKPOINT_NAME)["step"]) \
+            if (workdir / CHECKPOINT_NAME).exists() else 0
 
-    grids = bool(config.get("grids")) and cfg.tracking.grid_images > 0
-    stop = StopWatch(channel)
-    trial = config.get("trial")              # a sweep's trial: rank 0 scores each checkpoint
-    score = None
-    if trial is not None and rank == 0:
-        from flows.sweep_trials import QuickFid
-        score = QuickFid(cfg, trial, workdir, str(ray.train.torch.get_device()))
+        grids = bool(config.get("grids")) and cfg.tracking.grid_images > 0
+        stop = StopWatch(channel)
+        cleanup.callback(stop.close)
+        trial = config.get("trial")              # a sweep's trial: rank 0 scores each checkpoint
+        score = None
+        if trial is not None and rank == 0:      # its extractor beside, not in, the reported checkpoint
+            from flows.sweep_trials import QuickFid
+            scoring = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{rank}-fid-"))
+            cleanup.callback(shutil.rmtree, scoring, True)
+            score = QuickFid(cfg, trial, scoring, str(ray.train.torch.get_device()))
 
-    def on_metrics(step: int, metrics: dict) -> None:
-        last_metrics.update(metrics, step=step)
-        if rank == 0:
-            emit({"kind": "metrics", "step": step, **metrics})
+        def on_metrics(step: int, metrics: dict) -> None:
+            last_metrics.update(metrics, step=step)
+            if rank == 0:
+                emit({"kind": "metrics", "step": step, **metrics})
 
-    def on_checkpoint(step: int, path: Path) -> None:
-        if rank == 0 and grids and not stop.requested():   # the driver logs it (workers never talk to MLflow)
-            from flows.tracking import sample_grid
-            t = cfg.tracking
-            emit({"kind": "grid", "step": step,
-                  "image": sample_grid(path, t.grid_images, t.grid_steps)})
-        metrics = {**last_metrics, "step": step, "resumed_from": resumed_from,
-                   "world_size": ctx.get_world_size()}
-        if trial is not None:
-            from flows.sweep_trials import trial_progress
-            metrics.update(trial_progress(cfg, step, last_metrics), **(score(path) if score else {}))
-        if rank == 0:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path.parent)))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        def on_checkpoint(step: int, path: Path) -> None:
+            if rank == 0 and grids and not stop.requested():   # the driver logs it (workers never talk to MLflow)
+                from flows.tracking import sample_grid
+                t = cfg.tracking
+                emit({"kind": "grid", "step": step,
+                      "image": sample_grid(path, t.grid_images, t.grid_steps)})
+            metrics = {**last_metrics, "step": step, "resumed_from": resumed_from,
+                       "world_size": ctx.get_world_size()}
+            if trial is not None:               # no score for a trial being stopped: nobody reads it
+                from flows.sweep_trials import trial_progress
+                metrics.update(trial_progress(cfg, step, last_metrics),
+                               **(score(path) if score and not stop.requested() else {}))
+            if rank == 0:
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path.parent)))
+            else:
+                ray.train.report(metrics, checkpoint=None)
 
-    try:
-        result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
-                       on_checkpoint=on_checkpoint, should_stop=stop.requested,
-                       on_setup=lambda hw: emit({"kind": "setup", **hw, "resumed_from": resumed_from})
-                       if rank == 0 else None)
-    except NonFiniteLossError as exc:        # every rank raises at the same step (the check is all-reduced)
-        if trial is None:
-            raise
-        from flows.sweep_trials import diverged, trial_progress
-        ray.train.report({**trial_progress(cfg, int(last_metrics.get("step", 0)), last_metrics),
-                          **diverged(exc)}, checkpoint=None)
-        return
-    finally:
-        stop.close()
+        try:
+            result = train(cfg, load_dataset(cfg.data), progress=False, on_metrics=on_metrics,
+                           on_checkpoint=on_checkpoint, should_stop=stop.requested,
+                           on_setup=lambda hw: emit({"kind": "setup", **hw, "resumed_from": resumed_from})
+                           if rank == 0 else None)
+        except NonFiniteLossError as exc:    # every rank raises at the same step (the check is all-reduced)
+            if trial is None:
+                raise
+            from flows.sweep_trials import diverged, trial_progress
+            ray.train.report({**trial_progress(cfg, int(last_metrics.get("step", 0)), last_metrics),
+                              **diverged(exc)}, checkpoint=None)
+            return
     # every rank must hold the same weights: compare a checksum across the group
     total = _param_checksum(result.state.model)
     lo, hi = total.clone(), total.clone()
@@ -315,31 +318,34 @@ def train_loop_per_worker(config: dict) -> None:
         raise RuntimeError(f"ranks disagree on the weights after training (checksums {lo} .. {hi})")
 
 
-INIT_LOCK = threading.Lock()     # one start at a time: a start begun early is waited for
-
-
 def start_early() -> None:
-    """:func:`init_ray`, for a daemon thread begun while the stages before training run (the
-    pipeline: prepare, validate, DVC, the extractor), so that training finds the cluster up: the
-    first :func:`init_ray` after it waits for it. A failure is logged and left for that call to
-    meet again, in the stage that needs Ray, where it is raised. Once the cluster is up this does
-    not return: Ray starts a local cluster's GCS and raylet with ``PR_SET_PDEATHSIG``, which Linux
-    sends when the *thread* that started them ends, so that thread must outlive the cluster."""
+    """:func:`init_ray`, for the daemon thread of :func:`flows.ray_early.start`, begun while the
+    stages before training run, so that training finds the cluster up: the first
+    :func:`init_ray` after it waits for it. A failure is logged (without the address) and left for
+    that call to meet again, in the stage that needs Ray, where it is raised. When this started
+    the cluster it does not return: Ray starts a local cluster's GCS and raylet with
+    ``PR_SET_PDEATHSIG``, which Linux sends when the *thread* that started them ends."""
     try:
-        init_ray()
-    except BaseException:   # noqa: BLE001 - see above
-        logging.getLogger(__name__).warning("starting Ray early failed", exc_info=True)
+        started = init_ray(early=True)
+    except BaseException as exc:   # noqa: BLE001 - see above
+        logging.getLogger(__name__).warning("starting Ray early failed (%s); the train stage tries again",
+                                            type(exc).__name__)
         return
-    threading.Event().wait()
+    if started:
+        threading.Event().wait()
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, *, early: bool = False) -> bool:
     """Connect to RAY_ADDRESS when set, else start a local cluster sized to this machine: its
     CPUs and the CUDA devices torch sees (Ray's own GPU detection is not consulted, so the
-    cluster offers exactly the GPUs the training code can use)."""
-    with INIT_LOCK:
-        if not ray.is_initialized():
-            _init_ray(address)
+    cluster offers exactly the GPUs the training code can use). Returns whether this call
+    started it; an early start (``early``) is skipped once the job is being stopped."""
+    from flows import ray_early
+    with ray_early.LOCK:
+        if ray.is_initialized() or (early and ray_early.STOPPED.is_set()):
+            return False
+        _init_ray(address)
+        return True
 
 
 def _init_ray(address: str | None) -> None:
@@ -521,8 +527,8 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
     r = cfg.ray
     if local:
         _check_local_resources(cfg)
-    if r.use_gpu:
-        _gpu_preflight(cfg)
+    if r.use_gpu and trial is None:     # a trial's tasks would land in Tune's placement group
+        _gpu_preflight(cfg)              # (its workers check their GPU themselves: check_gpu)
     if on_event is not None:
         on_event({"kind": "scaling", "workers": r.num_workers, "use_gpu": r.use_gpu,
                   "reason": scaling.reason})
@@ -547,7 +553,7 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
     relay = EventRelay(deliver, should_stop)
     code = {**code_version(), "git": _git_commit()}
     source = source or data_source(cfg, dataset)
-    if not local and source["remote"] and not remote_has(
+    if not local and trial is None and source["remote"] and not remote_has(
             source["version"], Remote(**source["remote"])):
         from flows.console import console             # say it before the workers fail
         console().warning(f"dataset version {source['version']} is not on the DVC remote "
@@ -573,7 +579,7 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=r.max_failures),
-                             callbacks=[ReportsToChannel(relay.channel)] if trial is not None else None),
+                             callbacks=[_reports_to(relay.channel)] if trial is not None else None),
     )
     try:
         if should_stop is not None and should_stop():    # before Ray Train starts any worker
@@ -614,6 +620,11 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
                           result.checkpoint.path, float(final.get("train_seconds", 0.0)),
                           "steps" if step >= cfg.train.steps else "interrupt" if relay.stop_sent
                           else "budget", hardware)
+
+
+def _reports_to(channel):
+    from flows.ray_report import ReportsToChannel     # Ray Train V2's callback API: trials only
+    return ReportsToChannel(channel)
 
 
 def _keeping_signal_handlers(base: type) -> type:

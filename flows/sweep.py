@@ -5,7 +5,8 @@ FID, each trial a child run of one MLflow parent run, the best checkpoint throug
 
 Trials run on the Ray cluster of :func:`flows.ray_train.init_ray` (``RAY_ADDRESS``, else a local
 one). Each trial trains with the library trainer on the data of one DVC version (obtained like a
-Ray Train worker obtains it) and, at each checkpoint, reports a quick FID
+Ray Train worker obtains it), or with ``sweep.workers_per_trial`` > 1 as a Ray Train DDP run of
+that many workers (:func:`flows.sweep_trials.ddp_trial`), and, at each checkpoint, reports a quick FID
 (:func:`diffusion.evaluate.quick_fid`) under one yardstick for all trials. ASHA compares trials at
 equal *training minutes* (the library's training-loop wall clock, counted over resumes) and stops
 the weak ones. Workers never talk to MLflow: a Tune callback on the driver logs each trial to a
@@ -76,6 +77,13 @@ def check_trials(cfg: Config) -> None:
     errors = [] if cfg.train.budget_minutes > 0 else [
         f"train.budget_minutes = {cfg.train.budget_minutes:g}: a sweep needs a per-trial budget (ASHA's "
         "last rung), e.g. train.budget_minutes=5"]
+    n = s.workers_per_trial
+    if n > 1 and s.gpus_per_trial > 0 and (s.gpus_per_trial % n or s.gpus_per_trial < n):
+        errors.append(f"sweep.gpus_per_trial = {s.gpus_per_trial:g} over sweep.workers_per_trial = {n}: each "
+                      "worker needs a whole GPU of its own (NCCL ranks cannot share one)")
+    if not os.environ.get("RAY_ADDRESS") and s.cpus_per_trial > (os.cpu_count() or 1):
+        errors.append(f"sweep.cpus_per_trial = {s.cpus_per_trial:g}: this machine's local Ray cluster has "
+                      f"{os.cpu_count()} CPUs; lower it, or set RAY_ADDRESS to a larger cluster")
     for i, point in enumerate(draw_points(s.space, s.trials, s.seed)):
         keys = ", ".join(f"sweep.space.{k}" for k in point)
         try:
@@ -86,6 +94,9 @@ def check_trials(cfg: Config) -> None:
         if trial.train.budget_minutes <= 0 < cfg.train.budget_minutes:
             errors.append(f"trial {i}: train.budget_minutes = {trial.train.budget_minutes:g}: a sweep needs a "
                           "per-trial budget (ASHA's last rung), e.g. train.budget_minutes=5")
+        if trial.train.batch_size % n:      # a trial's batch is split over its workers
+            errors.append(f"trial {i}: train.batch_size = {trial.train.batch_size} does not split over "
+                          f"sweep.workers_per_trial = {n} workers; make it a multiple of {n}")
     if errors:
         raise ConfigError("\n".join(errors))
 
@@ -223,9 +234,6 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
     if s.gpus_per_trial > 0 and resources.get("GPU", 0) < s.gpus_per_trial:
         raise ConfigError(f"sweep.gpus_per_trial = {s.gpus_per_trial:g}: {cluster_name()} has "
                           f"{resources.get('GPU', 0):g} GPUs")
-    if not os.environ.get("RAY_ADDRESS") and resources.get("CPU", 0) < s.cpus_per_trial:
-        raise ConfigError(f"sweep.cpus_per_trial = {s.cpus_per_trial:g}: {cluster_name()} has "
-                          f"{resources.get('CPU', 0):g} CPUs; lower it, or set RAY_ADDRESS to a larger cluster")
     name = sweep_name(cfg, version, extractor.sha256)
     storage = Path(s.storage_path).absolute()
     path = storage / name
@@ -274,7 +282,10 @@ def run_search(cfg: Config, on_event: Callable[[dict], None] | None = None) -> S
             tune_config=tune.TuneConfig(metric="quick_fid", mode="min", scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent(cfg, resources),
                                         time_budget_s=s.budget_minutes * 60.0,
-                                        reuse_actors=True),      # no new process (torch import) per trial
+                                        # one process for all trials (no torch import per trial);
+                                        # not for trials of several workers: a stopped one must end
+                                        # its process, and with it its Ray Train run, at once
+                                        reuse_actors=s.workers_per_trial == 1),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage), callbacks=[track], verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="quick_fid",

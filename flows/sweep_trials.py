@@ -93,7 +93,11 @@ class QuickFid:
 
     def __init__(self, cfg: Config, setup: dict, work: Path, device: str) -> None:
         from flows.stages import load_extractor
-        (work / "extractor.pt").write_bytes(setup["extractor"])
+        extractor = setup["extractor"]
+        if not isinstance(extractor, bytes):       # an object ref (a trial of several workers)
+            import ray
+            extractor = ray.get(extractor)
+        (work / "extractor.pt").write_bytes(extractor)
         self.cfg = dataclasses.replace(
             cfg, extractor=dataclasses.replace(cfg.extractor, path=str(work / "extractor.pt")),
             evaluate=dataclasses.replace(cfg.evaluate, reference_cache=setup["reference_cache"]))
@@ -173,25 +177,31 @@ def ddp_trial(cfg: Config, setup: dict) -> None:
     import threading
     import uuid
 
+    import ray
     from ray import tune
 
     from flows.ray_train import ray_run_name, ray_train
     n = int(setup["workers_per_trial"])
     gpus = setup["gpus_per_trial"]
     trial_id = tune.get_context().get_trial_id()
-    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(
+    run = dataclasses.replace(
         cfg.ray, num_workers=n, use_gpu=gpus > 0, cpus_per_worker=setup["cpus_per_trial"] / n,
         gpus_per_worker=gpus / n if gpus > 0 else cfg.ray.gpus_per_worker, max_failures=0,
-        storage_path=setup["train_storage"], run_name=f"{setup['sweep']}-trial-{trial_id}-{uuid.uuid4().hex[:6]}"))
+        storage_path=setup["train_storage"], run_name=f"{setup['sweep']}-trial-{trial_id}-{uuid.uuid4().hex[:6]}")
+    # the trial's batch split over its workers (check_trials: it divides), so that the global batch,
+    # and with it the recipe, is the one-worker trial's
+    cfg = dataclasses.replace(cfg, ray=run, train=dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // n))
+    # the extractor reaches rank 0 through the object store, not inside every worker's config
+    scoring = {**setup, "extractor": ray.put(setup["extractor"])}
     reports: queue.Queue = queue.Queue()
     stop = threading.Event()
     outcome: dict = {}
     resume = tune.get_checkpoint()          # in Tune's thread: its session is this thread's
 
-    def run() -> None:
+    def train_run() -> None:
         try:
             ray_train(cfg, on_event=lambda e: reports.put(e) if e.get("kind") == "report" else None,
-                      should_stop=stop.is_set, source=setup["data"], trial=setup,
+                      should_stop=stop.is_set, source=setup["data"], trial=scoring,
                       resume_from=resume, local=False)   # the cluster outlives the trial
         except BaseException as exc:   # noqa: BLE001 - raised in Tune's thread below
             outcome["error"] = exc
@@ -203,7 +213,7 @@ def ddp_trial(cfg: Config, setup: dict) -> None:
     # Ray Train run (its workers hold the trial's CPUs) at once
     from ray.train._internal.session import get_session
     stopping = getattr(get_session(), "stop_event", None) or threading.Event()
-    runner = threading.Thread(target=run, name="sweep-trial-ray-train", daemon=True)
+    runner = threading.Thread(target=train_run, name="sweep-trial-ray-train", daemon=True)
     runner.start()
     try:
         while not stopping.is_set():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -46,14 +47,9 @@ def test_two_workers_match_one_process_with_double_batch(tmp_path):
     import signal
     ours = {sig: (lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     before = {sig: signal.signal(sig, handler) for sig, handler in ours.items()}
-    ray.shutdown()                                      # init_ray starts the cluster under them,
-    import threading                                    # begun early in a thread as the pipeline
-    from flows.ray_train import start_early             # does: the call waits for that start (a
-    early = threading.Thread(target=start_early, daemon=True)   # second ray.init would raise),
-    early.start()                                       # and the cluster outlives the start
+    ray.shutdown()                                      # init_ray starts the cluster under them
     try:
         result = ray_train(cfg, on_event=events.append, should_stop=lambda: False)
-        assert early.is_alive() and ray.is_initialized()    # the thread holds the cluster's life
         assert {sig: signal.getsignal(sig) for sig in ours} == ours
     finally:
         for sig, handler in before.items():
@@ -73,6 +69,27 @@ def test_two_workers_match_one_process_with_double_batch(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-5
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx([h["loss"] for h in single.history], rel=1e-4)
+
+
+def test_a_start_begun_early_is_waited_for_outlives_its_thread_and_none_begins_after_stop():
+    # the pipeline begins Ray's start in a thread as the flow begins (flows/ray_early.py): the
+    # stage's init_ray waits for it instead of starting a second cluster, the cluster keeps
+    # working after that start returned (Ray ties it to the starting thread), and the job's
+    # teardown shuts it down; an early start after the teardown starts nothing
+    from flows import ray_early
+    from flows.ray_train import init_ray, start_early
+    ray.shutdown()
+    early = ray_early.start()
+    deadline = time.time() + 60
+    while not ray_early.LOCK.locked() and early.is_alive() and time.time() < deadline:
+        time.sleep(0.01)                     # the thread has imported and holds the start
+    assert init_ray() is False               # waited; the early thread started it
+    assert ray.is_initialized() and early.is_alive()
+    assert ray.get(ray.remote(lambda: 41).remote(), timeout=120) + 1 == 42
+    ray_early.stop()
+    assert not ray.is_initialized() and ray_early.STOPPED.is_set()
+    start_early()                            # returns at once: the job is being torn down
+    assert not ray.is_initialized()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")

@@ -248,7 +248,7 @@ def test_the_sweep_command_stopped_by_sigterm_exits_143_and_its_rerun_resumes_an
     shown = "".join(lines)
     assert code == 143, shown
     assert "interrupted (" in shown and "run the same command again to resume the sweep" in shown, shown
-    assert "error" not in shown.lower(), shown
+    assert "Traceback" not in shown and "error:" not in shown.lower(), shown
     assert _processes_with(f"{marker[0]}={marker[1]}") == []      # Ray, Prefect's server: all gone
     state = json.loads(next((sweep_root / "tune").glob("command-*.sweep.json")).read_text())
     from mlflow import MlflowClient
@@ -280,7 +280,9 @@ def test_a_bad_space_is_refused_at_load_with_its_key_paths(tmp_path):
 def test_a_trial_config_error_and_no_per_trial_budget_are_refused_before_anything_starts(tmp_path):
     # model.num_heads = 7 divides none of mnist_fast's channels: a cross-field error of one trial
     out = subprocess.run([sys.executable, "-m", "flows.sweep", "--params", str(REPO / "params.yaml"),
-                          "sweep.space={model.num_heads: [1, 7]}", "sweep.trials=2", "train.budget_minutes=0"],
+                          "sweep.space={model.num_heads: [1, 7]}", "sweep.trials=2", "train.budget_minutes=0",
+                          # trials of 3 workers: one GPU cannot be split, batch 32 not over 3 workers
+                          "sweep.workers_per_trial=3", "sweep.gpus_per_trial=1", "sweep.cpus_per_trial=4096"],
                          capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert out.returncode == 2, out.stderr
@@ -288,6 +290,9 @@ def test_a_trial_config_error_and_no_per_trial_budget_are_refused_before_anythin
     trial = next(line for line in out.stderr.splitlines() if "model.num_heads=7" in line)
     assert trial.startswith(("error: trial ", "trial ")) and "from sweep.space.model.num_heads" in trial
     assert "model.num_heads = 7: must divide" in out.stderr
+    assert "sweep.gpus_per_trial = 1 over sweep.workers_per_trial = 3: each worker needs a whole GPU" in out.stderr
+    assert "train.batch_size = 32 does not split over sweep.workers_per_trial = 3 workers" in out.stderr
+    assert f"sweep.cpus_per_trial = 4096: this machine's local Ray cluster has {os.cpu_count()} CPUs" in out.stderr
     assert out.stdout == "" and not any(tmp_path.iterdir())
 
 
