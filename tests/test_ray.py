@@ -81,7 +81,7 @@ def test_a_start_begun_early_is_waited_for_outlives_its_thread_and_none_begins_a
     ray.shutdown()
     early = ray_early.start()
     deadline = time.time() + 60
-    while not ray_early.LOCK.locked() and early.is_alive() and time.time() < deadline:
+    while not ray_early.LOCK.locked() and not ray.is_initialized() and time.time() < deadline:
         time.sleep(0.01)                     # the thread has imported and holds the start
     assert init_ray() is False               # waited; the early thread started it
     assert ray.is_initialized() and early.is_alive()

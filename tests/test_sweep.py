@@ -283,8 +283,8 @@ def test_a_trial_config_error_and_no_per_trial_budget_are_refused_before_anythin
                           "sweep.space={model.num_heads: [1, 7]}", "sweep.trials=2", "train.budget_minutes=0",
                           # trials of 3 workers: one GPU cannot be split, batch 32 not over 3 workers
                           "sweep.workers_per_trial=3", "sweep.gpus_per_trial=1", "sweep.cpus_per_trial=4096"],
-                         capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120,   # the local cluster
+                         env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO)})
     assert out.returncode == 2, out.stderr
     assert "train.budget_minutes = 0: a sweep needs a per-trial budget" in out.stderr
     trial = next(line for line in out.stderr.splitlines() if "model.num_heads=7" in line)
