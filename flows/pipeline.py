@@ -200,8 +200,11 @@ def _stop_ray(flow=None, flow_run=None, state=None) -> None:
 
 def _start_ray_early(cfg: Config) -> None:
     """Start Ray (:mod:`flows.ray_early`) while the first stages run: training then finds it up.
-    Only when this run trains on Ray (not with ``ray.enabled = false``)."""
+    Only when this run trains on Ray (not with ``ray.enabled = false``). Torch and Ray are
+    imported here, in this thread, first: imported in the background while a stage imports them
+    too, a module can be seen half-initialised ("partially initialized module 'torch'")."""
     if cfg.ray.enabled:
+        import flows.ray_train  # noqa: F401 - see above
         from flows import ray_early
         ray_early.start()
 

@@ -1,7 +1,7 @@
 """Starting Ray early: the pipeline begins the cluster's start (or the connection to
 ``RAY_ADDRESS``) in a background thread as the flow begins, so that it overlaps the stages before
 training. Stdlib only: the flow's teardown (:func:`stop`) reads the lock and the flag here without
-importing torch or Ray, which the background thread may still be importing."""
+importing torch or Ray."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ STOPPED = threading.Event()      # the job is being torn down: no early start af
 
 
 def start() -> threading.Thread:
-    """Begin :func:`flows.ray_train.start_early` in a daemon thread (torch and Ray are imported there)."""
+    """Begin :func:`flows.ray_train.start_early` in a daemon thread. Import :mod:`flows.ray_train`
+    (torch, Ray) before, in the caller's thread: two threads importing torch at once can see it
+    half-initialised."""
     STOPPED.clear()                  # a new job in this process
 
     def run() -> None:
