@@ -223,6 +223,14 @@ def _worker_resources(cfg: Config) -> dict[str, float]:
     return out
 
 
+def copy_training_files(checkpoint: Checkpoint, dest: Path) -> None:
+    """The trainer's files (checkpoint and metrics) from a Ray Train or Tune checkpoint into ``dest``."""
+    with checkpoint.as_directory() as d:
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            if (Path(d) / name).exists():
+                shutil.copy(Path(d) / name, dest / name)
+
+
 def _param_checksum(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
 
@@ -255,10 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
         # this run's own latest (a worker restarted), else the one the caller gave (a resumed trial)
         resume_from = ray.train.get_checkpoint() or config.get("resume_from")
         if resume_from is not None:
-            with resume_from.as_directory() as d:
-                for name in (CHECKPOINT_NAME, METRICS_NAME):
-                    if (Path(d) / name).exists():
-                        shutil.copy(Path(d) / name, workdir / name)
+            copy_training_files(resume_from, workdir)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(workdir)))
         last_metrics: dict = {}
         resumed_from = int(load_checkpoint(workdir / CHECKPOINT_NAME)["step"]) \
@@ -605,10 +610,7 @@ def ray_train(cfg: Config, mlflow_run: tuple[str, str] | None = None,
         raise RuntimeError(f"Ray run {run_name!r} reported no checkpoint")
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        for name in (CHECKPOINT_NAME, METRICS_NAME):
-            if (Path(d) / name).exists():
-                shutil.copy(Path(d) / name, out / name)
+    copy_training_files(result.checkpoint, out)
     if relay.error is not None:
         raise RuntimeError(f"training finished (checkpoint in {out}), but the driver could not "
                            f"log rank 0's events: {relay.error}") from relay.error

@@ -121,9 +121,9 @@ def sweep_trial(config: dict, setup: dict) -> None:
     from ray import tune
 
     from diffusion.data import load_dataset
-    from diffusion.trainer import CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, train
+    from diffusion.trainer import NonFiniteLossError, train
     from flows.datasets import Remote, obtain
-    from flows.ray_train import _check_code
+    from flows.ray_train import _check_code, copy_training_files
 
     _check_code(setup["code"])
     point = {k: v for k, v in config["trial"].items() if k != "index"}
@@ -146,10 +146,7 @@ def sweep_trial(config: dict, setup: dict) -> None:
         out.mkdir(parents=True)
         resume = tune.get_checkpoint()
         if resume is not None:
-            with resume.as_directory() as d:
-                for name in (CHECKPOINT_NAME, METRICS_NAME):
-                    if (Path(d) / name).exists():
-                        shutil.copy(Path(d) / name, out / name)
+            copy_training_files(resume, out)
         last: dict[str, float] = {}
 
         def on_checkpoint(step: int, path: Path) -> None:
@@ -191,8 +188,10 @@ def ddp_trial(cfg: Config, setup: dict) -> None:
     # the trial's batch split over its workers (check_trials: it divides), so that the global batch,
     # and with it the recipe, is the one-worker trial's
     cfg = dataclasses.replace(cfg, ray=run, train=dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // n))
-    # the extractor reaches rank 0 through the object store, not inside every worker's config
-    scoring = {**setup, "extractor": ray.put(setup["extractor"])}
+    # what rank 0 scores with (QuickFid) and how ray_train picks its trainer; the extractor goes
+    # through the object store, not inside every worker's config
+    scoring = {**{k: setup[k] for k in ("extractor_sha256", "reference_cache", "quick_fid_samples", "local")},
+               "extractor": ray.put(setup["extractor"])}
     reports: queue.Queue = queue.Queue()
     stop = threading.Event()
     outcome: dict = {}
